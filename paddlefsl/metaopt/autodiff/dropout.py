@@ -1,0 +1,1 @@
+"""Op family: dropout (rules being written)."""

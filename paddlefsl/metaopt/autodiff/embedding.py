@@ -1,0 +1,1 @@
+"""Op family: embedding (rules being written)."""

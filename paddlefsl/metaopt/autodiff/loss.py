@@ -1,0 +1,1 @@
+"""Op family: loss (rules being written)."""

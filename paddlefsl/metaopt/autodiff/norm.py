@@ -1,0 +1,1 @@
+"""Op family: norm (rules being written)."""

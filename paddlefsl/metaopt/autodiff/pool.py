@@ -1,0 +1,1 @@
+"""Op family: pool (rules being written)."""

@@ -1,0 +1,1 @@
+"""Op family: rnn (rules being written)."""

@@ -1,0 +1,22 @@
+"""Errors raised by paddlefsl.metaopt."""
+from __future__ import annotations
+
+
+class SecondOrderError(RuntimeError):
+    """An op was about to be differentiated twice without an exact higher-order gradient.
+
+    Raised instead of returning a meta-gradient that would be silently wrong.
+
+    Attributes:
+        op: the Paddle kernel's name (``paddle._C_ops.<op>``).
+        layer: the path of the layer that called it, e.g. ``"features.2 (Conv3D)"``, or ``"<outside the model>"``.
+    """
+
+    def __init__(self, op: str, layer: str, reason: str = "has no exact higher-order gradient in paddlefsl"):
+        self.op = op
+        self.layer = layer
+        super().__init__(
+            f"op '{op}' called in layer {layer} {reason}; its meta-gradient would be wrong. "
+            "Use first_order=True for this model, or register an exact rule for the op "
+            "(paddlefsl.metaopt.autodiff.registry.exact)."
+        )
