@@ -1,0 +1,203 @@
+"""N-way K-shot episode sampling, task assembly and confidence intervals.
+
+Example:
+    >>> sampler = EpisodeSampler(dataset.labels, ways=5, shots=1, queries=15, seed=0, num_tasks=100)
+    >>> for task in sampler:
+    ...     xs, ys, xq, yq = make_task(dataset.images, dataset.labels, task)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["Task", "EpisodeSampler", "make_task", "mean_confidence_interval"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One N-way K-shot Q-query task.
+
+    Attributes:
+        classes: Original class ids of the N ways; way ``i`` is ``classes[i]``.
+        support_indices: Dataset indices of the support set, ``[N*K]``, grouped by way.
+        support_labels: Remapped support labels in ``0..N-1``, ``[N*K]``.
+        query_indices: Dataset indices of the query set, ``[N*Q]``, grouped by way.
+        query_labels: Remapped query labels in ``0..N-1``, ``[N*Q]``.
+    """
+
+    classes: np.ndarray
+    support_indices: np.ndarray
+    support_labels: np.ndarray
+    query_indices: np.ndarray
+    query_labels: np.ndarray
+
+    @property
+    def ways(self) -> int:
+        """Number of classes N in the task."""
+        return int(len(self.classes))
+
+
+class EpisodeSampler:
+    """Seeded, reproducible sampler of N-way K-shot Q-query tasks.
+
+    Each task draws ``ways`` distinct classes, then ``shots + queries`` distinct examples of each
+    class without replacement, so support and query never share an index.
+
+    Iterating (``for task in sampler``) restarts from ``seed`` every time, so two iterations give the
+    same tasks (useful for a fixed validation/test set); it yields ``num_tasks`` tasks, or forever if
+    ``num_tasks`` is None. :meth:`sample` draws from a separate persistent stream, also seeded by
+    ``seed``, whose state can be saved with :meth:`get_state` / :meth:`set_state`.
+
+    Args:
+        labels: Integer class label of every example of the dataset, ``[num_examples]``.
+        ways: Number of classes per task (N).
+        shots: Support examples per class (K), at least 1.
+        queries: Query examples per class (Q), at least 0.
+        seed: Seed of the random streams (None: fresh OS entropy, not reproducible).
+        num_tasks: Tasks yielded per iteration (None: infinite).
+
+    Raises:
+        ValueError: If ``ways`` exceeds the number of classes, if any class has fewer than
+            ``shots + queries`` examples, or if an argument is out of range.
+    """
+
+    def __init__(self, labels: Sequence[int], ways: int, shots: int, queries: int,
+                 seed: Optional[int] = None, num_tasks: Optional[int] = None) -> None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        if int(ways) < 1 or int(shots) < 1 or int(queries) < 0:
+            raise ValueError(f"need ways >= 1, shots >= 1, queries >= 0; got ways={ways}, "
+                             f"shots={shots}, queries={queries}")
+        if num_tasks is not None and int(num_tasks) < 0:
+            raise ValueError(f"num_tasks must be >= 0 or None, got {num_tasks}")
+        self.labels = labels.astype(np.int64)
+        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.seed = seed
+        self.num_tasks = None if num_tasks is None else int(num_tasks)
+        self.classes = np.unique(self.labels)
+        if self.ways > len(self.classes):
+            raise ValueError(f"ways={self.ways} exceeds the number of classes ({len(self.classes)})")
+        order = np.argsort(self.labels, kind="stable")
+        bounds = np.searchsorted(self.labels[order], self.classes)
+        bounds = np.append(bounds, len(order))
+        self._members = [order[bounds[i]:bounds[i + 1]] for i in range(len(self.classes))]
+        need = self.shots + self.queries
+        small = [(int(c), len(m)) for c, m in zip(self.classes, self._members) if len(m) < need]
+        if small:
+            c, n = small[0]
+            raise ValueError(f"class {c} has {n} examples, fewer than shots+queries={need} "
+                             f"({len(small)} such classes in total)")
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        if self.num_tasks is None:
+            raise TypeError("an EpisodeSampler with num_tasks=None is infinite and has no length")
+        return self.num_tasks
+
+    def __iter__(self) -> Iterator[Task]:
+        rng = np.random.default_rng(self.seed)
+        count = 0
+        while self.num_tasks is None or count < self.num_tasks:
+            yield self._draw(rng)
+            count += 1
+
+    def sample(self) -> Task:
+        """Draw one task from the persistent stream (see :meth:`get_state`)."""
+        return self._draw(self._rng)
+
+    def get_state(self) -> Dict[str, Any]:
+        """Return the state of the persistent stream used by :meth:`sample` (picklable)."""
+        return self._rng.bit_generator.state
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        """Restore a state returned by :meth:`get_state`."""
+        self._rng.bit_generator.state = state
+
+    def _draw(self, rng: np.random.Generator) -> Task:
+        picked = rng.choice(len(self.classes), size=self.ways, replace=False)
+        support, query = [], []
+        for way in picked:
+            members = self._members[way]
+            chosen = members[rng.choice(len(members), size=self.shots + self.queries, replace=False)]
+            support.append(chosen[:self.shots])
+            query.append(chosen[self.shots:])
+        ways = np.arange(self.ways, dtype=np.int64)
+        return Task(
+            classes=self.classes[picked].copy(),
+            support_indices=np.concatenate(support).astype(np.int64),
+            support_labels=np.repeat(ways, self.shots),
+            query_indices=np.concatenate(query).astype(np.int64),
+            query_labels=np.repeat(ways, self.queries),
+        )
+
+
+def _gather(images: Any, indices: np.ndarray) -> np.ndarray:
+    if isinstance(images, np.ndarray):
+        return images[indices]
+    items = []
+    for i in indices:
+        item = images[int(i)]
+        if isinstance(item, tuple):
+            item = item[0]
+        items.append(np.asarray(item))
+    return np.stack(items) if items else np.zeros((0,), dtype=np.float32)
+
+
+def make_task(dataset_images: Any, dataset_labels: Sequence[int], task: Task,
+              to_tensor: bool = False) -> Tuple[Any, Any, Any, Any]:
+    """Assemble the arrays of a task.
+
+    Args:
+        dataset_images: Either an array indexable by an index array (e.g. ``dataset.images``) or any
+            indexable dataset whose items are images or ``(image, label)`` tuples.
+        dataset_labels: Class label of every example (checked against ``task.classes``).
+        task: A :class:`Task` from :class:`EpisodeSampler`.
+        to_tensor: Return ``paddle.Tensor`` s instead of numpy arrays.
+
+    Returns:
+        ``(xs, ys, xq, yq)``: support images ``[N*K, ...]``, support labels ``[N*K]`` (int64 in
+        ``0..N-1``), query images ``[N*Q, ...]`` and query labels ``[N*Q]``.
+
+    Raises:
+        ValueError: If the task's indices do not carry the classes the task claims.
+    """
+    labels = np.asarray(dataset_labels)
+    for idx, lab in ((task.support_indices, task.support_labels), (task.query_indices, task.query_labels)):
+        if len(idx) and not np.array_equal(labels[idx], task.classes[lab]):
+            raise ValueError("task does not match dataset_labels (was it sampled from another dataset?)")
+    xs = _gather(dataset_images, task.support_indices)
+    xq = _gather(dataset_images, task.query_indices)
+    ys = task.support_labels.astype(np.int64)
+    yq = task.query_labels.astype(np.int64)
+    if to_tensor:
+        import paddle
+        return paddle.to_tensor(xs), paddle.to_tensor(ys), paddle.to_tensor(xq), paddle.to_tensor(yq)
+    return xs, ys, xq, yq
+
+
+def mean_confidence_interval(accuracies: Sequence[float], z: float = 1.96) -> Tuple[float, float]:
+    """Mean and half-width of the normal-approximation confidence interval.
+
+    Uses the *population* standard deviation (``ddof=0``), as is customary in few-shot papers:
+    ``half_width = z * std(accuracies, ddof=0) / sqrt(n)``.
+
+    Args:
+        accuracies: Per-task accuracies (any real values).
+        z: Normal quantile; 1.96 gives a 95% interval.
+
+    Returns:
+        ``(mean, half_width)`` as Python floats.
+
+    Raises:
+        ValueError: If ``accuracies`` is empty.
+    """
+    acc = np.asarray(accuracies, dtype=np.float64).ravel()
+    if acc.size == 0:
+        raise ValueError("mean_confidence_interval needs at least one value")
+    return float(acc.mean()), float(z * acc.std(ddof=0) / math.sqrt(acc.size))
