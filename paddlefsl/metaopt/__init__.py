@@ -1,0 +1,11 @@
+"""paddlefsl.metaopt: gradient-based meta-learning for any Paddle model, exact to second order and beyond."""
+from paddlefsl.metaopt.anil import ANIL
+from paddlefsl.metaopt.autodiff import exact_ops
+from paddlefsl.metaopt.base import BaseLearner
+from paddlefsl.metaopt.errors import SecondOrderError
+from paddlefsl.metaopt.gradcheck import GradCheckReport, check_meta_gradients
+from paddlefsl.metaopt.functional import ParameterSlots, clone_model, functional_call
+from paddlefsl.metaopt.maml import MAML
+
+__all__ = ["ANIL", "BaseLearner", "MAML", "ParameterSlots", "SecondOrderError", "GradCheckReport",
+           "check_meta_gradients", "clone_model", "exact_ops", "functional_call"]
