@@ -1,9 +1,10 @@
 """The exact scope: while it is active, ``paddle._C_ops`` routes every kernel through the registry.
 
 Kernels registered as exact are replaced, stock-verified kernels are left alone, and every other kernel is
-guarded: its outputs carry an identity tripwire whose backward raises
+guarded: their outputs carry an identity tripwire whose backward raises
 :class:`~paddlefsl.metaopt.errors.SecondOrderError` when it is itself being differentiated (that is, when Paddle
-runs it with ``create_graph=True``). In-place kernels on tensors that need a gradient raise at once.
+runs it with ``create_graph=True``). In-place kernels on non-leaf tensors of the differentiated graph raise at once (writes into leaves,
+such as initializers and optimizer updates, pass).
 
 The scope is reference counted. Learners hold a :class:`Lease` for each second-order task learner; when the last
 lease is released every ``paddle._C_ops`` attribute is the stock function again.
@@ -63,11 +64,12 @@ class _Tripwire(PyLayer):
         return grad
 
 
-def _needs_grad(value: Any) -> bool:
+def _in_graph(value: Any) -> bool:
+    """True for a tensor (or list of tensors) computed by differentiable ops, i.e. not a leaf."""
     if isinstance(value, paddle.Tensor):
-        return not value.stop_gradient
+        return not value.stop_gradient and not value.is_leaf
     if isinstance(value, (list, tuple)):
-        return any(_needs_grad(v) for v in value)
+        return any(_in_graph(v) for v in value)
     return False
 
 
@@ -88,9 +90,9 @@ def _guard(name: str, fn: Callable) -> Callable:
         if not paddle.is_grad_enabled():
             return fn(*args, **kwargs)
         if inplace:
-            if _needs_grad(args) or _needs_grad(kwargs):
-                _raise(SecondOrderError(name, current_layer(), "is an in-place op on a tensor that needs a "
-                                        "meta-gradient"))
+            if _in_graph(args) or _in_graph(kwargs):
+                _raise(SecondOrderError(name, current_layer(), "is an in-place op on a tensor inside the "
+                                        "differentiated graph"))
             return fn(*args, **kwargs)
         return _trip(fn(*args, **kwargs), name, current_layer())
 
