@@ -1,0 +1,243 @@
+import gc
+import math
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+from paddle import _C_ops, nn
+
+from paddlefsl.metaopt import MAML, BaseLearner, SecondOrderError
+from paddlefsl.metaopt.autodiff import is_active, registry
+from tests.metaopt.models import mlp, regression_task
+
+
+def _stock_kernels():
+    return {name: getattr(_C_ops, name) for name in registry.kernel_names()}
+
+
+def test_base_learner_is_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        BaseLearner(mlp())
+
+
+@pytest.mark.parametrize("lr", [0, -0.1, math.nan, math.inf])
+def test_inner_lr_must_be_positive_and_finite(lr):
+    with pytest.raises(ValueError, match="inner_lr must be a positive finite number"):
+        MAML(mlp(), inner_lr=lr)
+
+
+@pytest.mark.parametrize("lr", ["0.1", None, True])
+def test_inner_lr_must_be_a_number(lr):
+    with pytest.raises(TypeError, match="inner_lr must be a positive finite number"):
+        MAML(mlp(), inner_lr=lr)
+
+
+def test_model_must_be_a_layer():
+    with pytest.raises(TypeError, match="model must be a paddle.nn.Layer"):
+        MAML(lambda x: x, inner_lr=0.1)
+
+
+def test_batch_norm_mode_is_checked():
+    with pytest.raises(ValueError, match="batch_norm must be one of"):
+        MAML(mlp(), 0.1, batch_norm="transductive")
+
+
+def test_non_scalar_loss():
+    task = MAML(mlp(), 0.1).clone()
+    with pytest.raises(ValueError, match="adapt step 1: loss must be a scalar"):
+        task.adapt(task(paddle.randn([4, 1])))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_loss_names_the_step(bad):
+    xs, ys, _, _ = regression_task()
+    task = MAML(mlp(), 0.1).clone()
+    task.adapt(F.mse_loss(task(xs), ys))
+    with pytest.raises(FloatingPointError, match=r"adapt step 2: loss is (nan|inf)"):
+        task.adapt(F.mse_loss(task(xs), ys) * bad)
+
+
+def test_non_finite_gradient_names_the_step_and_parameter():
+    xs, _, _, _ = regression_task()
+    task = MAML(mlp(), 0.1).clone()
+    out = task(xs)
+    loss = paddle.sqrt(out.abs() * 0).sum()  # finite loss, infinite gradient
+    with pytest.raises(FloatingPointError, match=r"adapt step 1: the gradient of \['0.weight'"):
+        task.adapt(loss)
+
+
+def test_loss_not_connected_to_the_task_model():
+    maml = MAML(mlp(), 0.1)
+    task = maml.clone()
+    with pytest.raises(ValueError, match="not connected"):
+        task.adapt(paddle.to_tensor(1.0))
+    other = paddle.randn([3])
+    other.stop_gradient = False
+    with pytest.raises(ValueError, match="not connected to the task model"):
+        task.adapt((other * 2).sum())
+    with pytest.raises(ValueError, match="not connected to the task model"):
+        task.adapt(F.mse_loss(maml(paddle.randn([2, 1])), paddle.zeros([2, 1])))
+
+
+def test_unused_parameter_is_named_or_gets_a_zero_update():
+    class TwoHeads(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(1, 1)
+            self.unused = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    x = paddle.randn([3, 1])
+    task = MAML(TwoHeads(), 0.1).clone()
+    with pytest.raises(ValueError, match=r"does not use the parameters \['unused.weight', 'unused.bias'\]"):
+        task.adapt(task(x).sum())
+    model = TwoHeads()
+    task = MAML(model, 0.1, allow_unused=True).clone()
+    task.adapt(task(x).sum())
+    np.testing.assert_array_equal(task.model.unused.weight.numpy(), model.unused.weight.numpy())
+
+
+def test_frozen_parameters_need_allow_nograd():
+    model = mlp()
+    model[2].bias.stop_gradient = True
+    with pytest.raises(ValueError, match=r"frozen parameters \['2.bias'\].*allow_nograd=True"):
+        MAML(model, 0.1)
+
+
+def test_adapt_on_the_meta_learner_is_refused():
+    maml = MAML(mlp(), 0.1)
+    with pytest.raises(RuntimeError, match="call learner.clone"):
+        maml.adapt(maml(paddle.randn([2, 1])).sum())
+
+
+def test_step_with_no_clone_and_on_a_clone():
+    model = mlp()
+    maml = MAML(model, 0.1, meta_optimizer=paddle.optimizer.SGD(0.1, parameters=model.parameters()))
+    with pytest.raises(RuntimeError, match="no task learner was cloned"):
+        maml.step(maml(paddle.randn([2, 1])).sum())
+    task = maml.clone()
+    with pytest.raises(RuntimeError, match="call it on the learner you built"):
+        task.step(task(paddle.randn([2, 1])).sum())
+
+
+def test_step_loss_not_reaching_the_meta_model():
+    maml = MAML(mlp(), 0.1)
+    maml.clone()
+    other = paddle.randn([3])
+    other.stop_gradient = False
+    with pytest.raises(ValueError, match="reaches none of the meta-model's parameters"):
+        maml.step((other * 2).sum())
+
+
+def test_meta_optimizer_must_hold_the_parameters():
+    model = mlp()
+    with pytest.raises(ValueError, match=r"does not hold the learner's parameters \['model.0.weight'"):
+        MAML(model, 0.1, meta_optimizer=paddle.optimizer.SGD(0.1, parameters=list(model.parameters())[2:]))
+    with pytest.raises(TypeError, match="meta_optimizer must be a paddle.optimizer.Optimizer"):
+        MAML(model, 0.1, meta_optimizer="adam")
+
+
+def test_dtype_mismatch_between_model_and_data():
+    maml = MAML(mlp(), 0.1)
+    with pytest.raises(TypeError, match="input 0 has dtype paddle.float32 but the model's parameters are"):
+        maml(paddle.randn([2, 1]).astype("float32"))
+
+
+def _bn_model():
+    paddle.seed(2)
+    return nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1D(4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def test_batch_norm_batch_mode_keeps_meta_statistics():
+    model = _bn_model()
+    maml = MAML(model, 0.1)
+    x = paddle.randn([8, 2]) * 2 + 1
+    mean = model[1]._mean.numpy().copy()
+    task = maml.clone()
+    task.adapt(task(x).square().mean())
+    task(x)
+    np.testing.assert_array_equal(model[1]._mean.numpy(), mean)
+    assert not np.allclose(task.model[1]._mean.numpy(), mean)
+
+
+def test_batch_norm_running_mode_uses_the_meta_running_statistics():
+    model = _bn_model()
+    model[1]._mean.set_value(paddle.to_tensor([0.5, -0.5, 1.0, 0.0]))
+    maml = MAML(model, 0.1, batch_norm="running")
+    x = paddle.randn([8, 2])
+    task = maml.clone()
+    model.eval()
+    expected = model(x).numpy()
+    model.train()
+    np.testing.assert_allclose(task(x).numpy(), expected, rtol=1e-12)
+    np.testing.assert_array_equal(task.model[1]._mean.numpy(), model[1]._mean.numpy())
+
+
+def test_batch_norm_shared_mode_updates_the_meta_statistics():
+    model = _bn_model()
+    maml = MAML(model, 0.1, batch_norm="shared")
+    mean = model[1]._mean.numpy().copy()
+    maml.clone()(paddle.randn([8, 2]) * 2 + 1)
+    assert not np.allclose(model[1]._mean.numpy(), mean)
+
+
+def test_scope_is_active_while_a_second_order_task_learner_lives():
+    stock = _stock_kernels()
+    maml = MAML(mlp(), 0.1)
+    task = maml.clone()
+    assert is_active() and _C_ops.softmax is not stock["softmax"]
+    other = maml.clone()
+    del task
+    gc.collect()
+    assert is_active()
+    del other
+    gc.collect()
+    assert not is_active() and _stock_kernels() == stock
+
+
+def test_first_order_learners_leave_paddle_stock():
+    stock = _stock_kernels()
+    task = MAML(mlp(), 0.1, first_order=True).clone()
+    task.adapt(task(paddle.randn([2, 1])).square().mean())
+    assert not is_active() and _stock_kernels() == stock
+
+
+def test_scope_covers_the_users_own_loss_between_clone_and_backward():
+    xs, ys, xq, yq = regression_task()
+
+    def loss_fn(learner, _):
+        task = learner.clone()
+        logits = task(xs)
+        task.adapt(-(F.log_softmax(paddle.concat([logits, -logits], 1), axis=1)[:, 0]).mean())
+        return F.softmax(paddle.concat([task(xq), yq], 1), axis=1)[:, 0].square().mean()
+
+    from paddlefsl.metaopt import check_meta_gradients
+    report = check_meta_gradients(lambda: MAML(mlp(), 0.3), loss_fn, None, coordinates=4)
+    assert report.ok, str(report)
+
+
+class _Lgamma(nn.Layer):
+    def forward(self, x):
+        return paddle.lgamma(x)
+
+
+def test_an_op_without_exact_rule_raises_naming_op_layer_and_way_out():
+    model = nn.Sequential(nn.Linear(1, 3), nn.Sigmoid(), _Lgamma(), nn.Linear(3, 1))
+    stock = _stock_kernels()
+    maml = MAML(model, 0.1)
+    before = [p.numpy().copy() for p in model.parameters()]
+    task = maml.clone()
+    with pytest.raises(SecondOrderError) as info:
+        task.adapt(task(paddle.rand([4, 1]) + 1).square().mean())
+    assert info.value.op == "lgamma" and "'2' (_Lgamma)" in info.value.layer
+    assert "first_order=True" in str(info.value)
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.numpy(), b)
+    first = MAML(model, 0.1, first_order=True).clone()
+    first.adapt(first(paddle.rand([4, 1]) + 1).square().mean())
+    del task, first, info  # the traceback in info keeps the task learner alive
+    gc.collect()
+    assert _stock_kernels() == stock
