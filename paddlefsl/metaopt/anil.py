@@ -1,6 +1,8 @@
 """ANIL (Raghu et al., 2020): only the head adapts; the features learn through the head's adaptation."""
 from __future__ import annotations
 
+from typing import Any
+
 import paddle
 from paddle import nn
 
@@ -17,7 +19,7 @@ class FeaturesHead(nn.Layer):
         self.features = features
         self.head = head
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.head(self.features(*args, **kwargs))
 
 

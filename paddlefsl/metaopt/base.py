@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import paddle
 from paddle import nn
@@ -117,7 +117,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
     def adapt(self, loss: paddle.Tensor) -> None:
         """Make one inner update of this task learner's model from ``loss`` (out of place)."""
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run ``self.model`` on the inputs (after checking that floating inputs match the model's dtype)."""
         dtype = self._param_dtype()
         for i, value in enumerate(args):

@@ -7,7 +7,7 @@ rewritten here, in one generic way, so a clone or a functional call really compu
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import paddle
 from paddle import nn
@@ -132,8 +132,8 @@ def clone_model(layer: nn.Layer, share_stats: bool = False) -> nn.Layer:
     return copy.deepcopy(layer, memo)
 
 
-def functional_call(layer: nn.Layer, params: Mapping[str, paddle.Tensor] | Sequence[paddle.Tensor], *args,
-                    **kwargs):
+def functional_call(layer: nn.Layer, params: Mapping[str, paddle.Tensor] | Sequence[paddle.Tensor], *args: Any,
+                    **kwargs: Any) -> Any:
     """Run ``layer(*args, **kwargs)`` with the given parameters in place of its own, then put its own back.
 
     Args:
