@@ -138,8 +138,8 @@ class EpisodeSampler:
 
 
 def _gather(images: Any, indices: np.ndarray) -> np.ndarray:
-    if isinstance(images, np.ndarray):
-        return images[indices]
+    if isinstance(images, np.ndarray) or getattr(images, "supports_fancy_indexing", False):
+        return np.asarray(images[indices])
     items = []
     for i in indices:
         item = images[int(i)]
@@ -154,8 +154,9 @@ def make_task(dataset_images: Any, dataset_labels: Sequence[int], task: Task,
     """Assemble the arrays of a task.
 
     Args:
-        dataset_images: Either an array indexable by an index array (e.g. ``dataset.images``) or any
-            indexable dataset whose items are images or ``(image, label)`` tuples.
+        dataset_images: Either a numpy array or an array view with ``supports_fancy_indexing = True``
+            (e.g. ``Omniglot.images``), indexed by an index array, or any indexable dataset whose
+            items are images or ``(image, label)`` tuples.
         dataset_labels: Class label of every example (checked against ``task.classes``).
         task: A :class:`Task` from :class:`EpisodeSampler`.
         to_tensor: Return ``paddle.Tensor`` s instead of numpy arrays.
