@@ -4,8 +4,10 @@ A checkpoint is one pickle file holding numpy copies of the model's and optimize
 step, the RNG states (Python ``random``, numpy's global generator, Paddle's generators) and any
 picklable ``extra`` data (e.g. an :class:`~paddlefsl.episodes.EpisodeSampler` state).
 
-Model keys are those of the plain model: a wrapper exposing the wrapped model as ``.module`` (as
-meta-learners do) is unwrapped, so the checkpoint loads into the bare model. Optimizer
+Model keys are those of the plain model: a wrapper exposing the wrapped model as ``.model`` (as
+``paddlefsl.metaopt`` learners do) or ``.module`` is unwrapped, so the checkpoint loads into the bare
+model. The wrapper's own full state (e.g. Meta-SGD learning rates) is stored as well and restored
+when loading into a wrapper of the same structure. Optimizer
 accumulators are stored by parameter *position* rather than by Paddle's auto-generated parameter
 names, so they load into an optimizer over a freshly built model whose names differ.
 """
@@ -26,11 +28,18 @@ _FORMAT = "paddlefsl-checkpoint-1"
 _PARAM_TAG = "@param{}@"
 
 
+_WRAPPED_ATTRS = ("model", "module")
+
+
 def _plain_model(model: paddle.nn.Layer) -> paddle.nn.Layer:
     seen = set()
-    while isinstance(getattr(model, "module", None), paddle.nn.Layer) and id(model) not in seen:
+    while id(model) not in seen:
         seen.add(id(model))
-        model = model.module
+        inner = next((getattr(model, a) for a in _WRAPPED_ATTRS
+                      if isinstance(getattr(model, a, None), paddle.nn.Layer)), None)
+        if inner is None:
+            break
+        model = inner
     return model
 
 
@@ -92,7 +101,7 @@ def save_checkpoint(path: str, model: paddle.nn.Layer, optimizer: Optional[paddl
 
     Args:
         path: Destination file; parent folders are created.
-        model: The model, or a wrapper whose ``.module`` is the model.
+        model: The model, or a wrapper whose ``.model`` / ``.module`` is the model.
         optimizer: Optional optimizer whose state (and LR scheduler state) is saved.
         step: Training step to store.
         rng_state: RNG states to store; None captures the current ones (:func:`capture_rng_state`).
@@ -106,6 +115,7 @@ def save_checkpoint(path: str, model: paddle.nn.Layer, optimizer: Optional[paddl
         "format": _FORMAT,
         "step": int(step),
         "model": _to_numpy(dict(_plain_model(model).state_dict())),
+        "wrapper": None if _plain_model(model) is model else _to_numpy(dict(model.state_dict())),
         "optimizer": None,
         "rng_state": capture_rng_state() if rng_state is None else rng_state,
         "extra": extra,
@@ -136,13 +146,14 @@ def load_checkpoint(path: str, model: Optional[paddle.nn.Layer] = None,
 
     Args:
         path: Checkpoint file.
-        model: If given, receives the model state (unwrapped via ``.module`` as on save); every key
-            must match.
+        model: If given, receives the state. A wrapper whose keys match the stored wrapper state gets
+            that full state; otherwise the plain model (unwrapped as on save) gets the plain model
+            state, and every key must match.
         optimizer: If given, receives the optimizer state (mapped onto its parameters by position).
         restore_rng: Restore the Python, numpy and Paddle RNG states stored in the checkpoint.
 
     Returns:
-        The checkpoint dict: ``step``, ``model``, ``optimizer``, ``rng_state``, ``extra``.
+        The checkpoint dict: ``step``, ``model``, ``wrapper``, ``optimizer``, ``rng_state``, ``extra``.
 
     Raises:
         ValueError: If the file is not a paddlefsl checkpoint or the model keys do not match.
@@ -151,7 +162,11 @@ def load_checkpoint(path: str, model: Optional[paddle.nn.Layer] = None,
         payload = pickle.load(f)
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a paddlefsl checkpoint")
-    if model is not None:
+    wrapper_state = payload.get("wrapper")
+    if model is not None and wrapper_state is not None and _plain_model(model) is not model \
+            and set(model.state_dict().keys()) == set(wrapper_state.keys()):
+        model.set_state_dict(wrapper_state)
+    elif model is not None:
         plain = _plain_model(model)
         expected, stored = set(plain.state_dict().keys()), set(payload["model"].keys())
         if expected != stored:

@@ -17,13 +17,22 @@ from paddlefsl.training import (JSONLLogger, capture_rng_state, load_checkpoint,
 class Wrapper(nn.Layer):
     """Stands in for a meta-learner that holds the plain model as ``.module``."""
 
-    def __init__(self, module):
+    def __init__(self, module, value=0.0):
         super().__init__()
         self.module = module
-        self.extra_param = self.create_parameter([1], default_initializer=nn.initializer.Constant(0.0))
+        self.extra_param = self.create_parameter([1], default_initializer=nn.initializer.Constant(value))
 
     def forward(self, x):
         return self.module(x)
+
+
+class Learner(nn.Layer):
+    """Stands in for a paddlefsl.metaopt learner, which holds the plain model as ``.model``."""
+
+    def __init__(self, model, value=0.0):
+        super().__init__()
+        self.model = model
+        self.lrs = self.create_parameter([2], default_initializer=nn.initializer.Constant(value))
 
 
 def _net():
@@ -90,10 +99,26 @@ def test_exact_resume(tmp_path, opt_name, wrapped):
         np.testing.assert_array_equal(value.numpy(), reference[key])
 
 
+@pytest.mark.parametrize("wrap", [Wrapper, Learner])
+def test_wrapper_state_restored_into_wrapper(tmp_path, wrap):
+    model = _net()
+    path = save_checkpoint(tmp_path / "c.pkl", wrap(model, value=0.25), step=1)
+    target = wrap(_net(), value=9.0)
+    payload = load_checkpoint(path, target, restore_rng=False)
+    assert set(payload["model"]) == set(model.state_dict())
+    extra = target.extra_param if wrap is Wrapper else target.lrs
+    assert np.all(extra.numpy() == 0.25)  # the wrapper's own parameters came back too
+    inner = target.module if wrap is Wrapper else target.model
+    for k, v in inner.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), model.state_dict()[k].numpy())
+    other = Learner(Wrapper(_net())) if wrap is Wrapper else Wrapper(_net())  # different wrapper: plain load
+    load_checkpoint(path, other, restore_rng=False)
+
+
 def test_checkpoint_keys_are_plain_model_keys(tmp_path):
     paddle.seed(0)
     model = _net()
-    path = save_checkpoint(tmp_path / "c.pkl", Wrapper(Wrapper(model)), step=7, extra={"note": "x"})
+    path = save_checkpoint(tmp_path / "c.pkl", Learner(Wrapper(model)), step=7, extra={"note": "x"})
     with open(path, "rb") as f:
         raw = pickle.load(f)
     assert set(raw["model"]) == set(model.state_dict())
