@@ -1,12 +1,16 @@
 """Activations: exact rules for softmax-type kernels, stock-verified elementwise activations."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import paddle
+import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
 
-stock(["relu", "tanh", "sigmoid", "leaky_relu", "elu", "silu", "swish", "softplus", "hardswish", "exp"],
+stock(["relu", "tanh", "sigmoid", "leaky_relu", "elu", "celu", "silu", "softplus", "exp"],
       "activation", "Paddle's double gradient, checked against finite differences")
 
 
@@ -46,3 +50,153 @@ def softmax(x, axis, out=None):
 @exact("log_softmax", "activation")
 def log_softmax(x, axis, out=None):
     return _LogSoftmax.apply(x, axis)
+
+
+_SQRT_2 = math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def _gelu_derivative(x: paddle.Tensor, approximate: bool) -> paddle.Tensor:
+    """d gelu / dx written in differentiable Paddle ops."""
+    if approximate:
+        t = paddle.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+    cdf = 0.5 * (1.0 + paddle.erf(x / _SQRT_2))
+    return cdf + x * paddle.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+class _Gelu(PyLayer):
+    @staticmethod
+    def forward(ctx, x, approximate):
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+        return original("gelu")(x, approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensor()
+        return grad * _gelu_derivative(x, ctx.approximate)
+
+
+@exact("gelu", "activation", "exact erf form and tanh approximation")
+def gelu(x, approximate=False, name=None, out=None, **kwargs):
+    if isinstance(approximate, str):
+        approximate = approximate.lower() == "tanh"
+    approximate = bool(approximate)
+    if x.stop_gradient or not paddle.is_grad_enabled():
+        return original("gelu")(x, approximate)
+    return _Gelu.apply(x, approximate)
+
+
+class _Pointwise(PyLayer):
+    """y = kernel(x, *attrs) elementwise; backward is grad * deriv(x), written in differentiable Paddle ops."""
+
+    @staticmethod
+    def forward(ctx, x, name, attrs, deriv):
+        ctx.save_for_backward(x)
+        ctx.deriv = deriv
+        return original(name)(x, *attrs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensor()
+        return grad * ctx.deriv(x)
+
+
+def _pointwise(name: str, x: paddle.Tensor, attrs: tuple, deriv) -> paddle.Tensor:
+    if x.stop_gradient or not paddle.is_grad_enabled():
+        return original(name)(x, *attrs)
+    return _Pointwise.apply(x, name, attrs, deriv)
+
+
+def _f32(value: float) -> float:
+    """A float attribute as Paddle's kernel sees it (float32)."""
+    return float(np.float32(value))
+
+
+def _band(x: paddle.Tensor, low: float, high: float) -> paddle.Tensor:
+    """Constant float mask of low < x < high (no graph)."""
+    inside = original("logical_and")(original("greater_than")(x, paddle.full([], low, x.dtype)),
+                                     original("less_than")(x, paddle.full([], high, x.dtype)))
+    return original("cast")(inside, x.dtype)
+
+
+@exact("erf", "activation")
+def erf(x, out=None, **kwargs):
+    return _pointwise("erf", x, (), lambda t: (2.0 / math.sqrt(math.pi)) * paddle.exp(-t * t))
+
+
+@exact("swish", "activation", "x * sigmoid(x)")
+def swish(x, out=None, **kwargs):
+    def deriv(t):
+        s = F.sigmoid(t)
+        return s + t * s * (1.0 - s)
+
+    return _pointwise("swish", x, (), deriv)
+
+
+@exact("logsigmoid", "activation")
+def logsigmoid(x, out=None, **kwargs):
+    return _pointwise("logsigmoid", x, (), lambda t: F.sigmoid(-t))
+
+
+@exact("tanh_shrink", "activation")
+def tanh_shrink(x, out=None, **kwargs):
+    return _pointwise("tanh_shrink", x, (), lambda t: paddle.tanh(t) ** 2)
+
+
+@exact("mish", "activation", "x * tanh(softplus(x)), softplus linear above the threshold as in Paddle")
+def mish(x, threshold=20.0, out=None, **kwargs):
+    def deriv(t):
+        th = paddle.tanh(F.softplus(t, beta=1.0, threshold=threshold))
+        return th + t * (1.0 - th * th) * F.sigmoid(t)
+
+    return _pointwise("mish", x, (threshold,), deriv)
+
+
+@exact("selu", "activation")
+def selu(x, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848170429916717, out=None,
+         **kwargs):
+    # Paddle keeps scale and alpha as float32 attributes; its gradient for x <= 0 is out + float32(scale * alpha).
+    k = _f32(scale) * _f32(alpha)
+    c = float(np.float32(scale) * np.float32(alpha))
+
+    def deriv(t):
+        pos = original("cast")(original("greater_than")(t, paddle.full([], 0.0, t.dtype)), t.dtype)
+        neg_part = k * (paddle.exp(paddle.minimum(t, paddle.zeros([], t.dtype))) - 1.0) + c
+        return pos * _f32(scale) + (1.0 - pos) * neg_part
+
+    return _pointwise("selu", x, (scale, alpha), deriv)
+
+
+@exact("relu6", "activation", "piecewise linear")
+def relu6(x, out=None, **kwargs):
+    return _pointwise("relu6", x, (), lambda t: _band(t, 0.0, 6.0))
+
+
+@exact("hardtanh", "activation", "piecewise linear")
+def hardtanh(x, t_min=-1.0, t_max=1.0, out=None, **kwargs):
+    return _pointwise("hardtanh", x, (t_min, t_max), lambda t: _band(t, t_min, t_max))
+
+
+@exact("hardsigmoid", "activation", "piecewise linear")
+def hardsigmoid(x, slope=0.1666667, offset=0.5, out=None, **kwargs):
+    slope32, offset32 = _f32(slope), _f32(offset)
+
+    def deriv(t):
+        lo, hi = sorted(((0.0 - offset32) / slope32, (1.0 - offset32) / slope32))
+        return slope32 * _band(t, lo, hi)
+
+    return _pointwise("hardsigmoid", x, (slope, offset), deriv)
+
+
+@exact("hardswish", "activation", "x * relu6(x + 3) / 6")
+def hardswish(x, out=None, **kwargs):
+    def deriv(t):
+        middle = _band(t, -3.0, 3.0)
+        high = original("cast")(original("greater_equal")(t, paddle.full([], 3.0, t.dtype)), t.dtype)
+        return middle * (2.0 * t + 3.0) / 6.0 + high
+
+    return _pointwise("hardswish", x, (), deriv)
