@@ -1,8 +1,6 @@
 """The 4-block convolutional backbone of the MAML paper (Finn et al., 2017)."""
 from __future__ import annotations
 
-from typing import Tuple
-
 import paddle
 from paddle import nn
 

@@ -1,5 +1,4 @@
 """Tests for paddlefsl.datasets.MiniImageNet on tiny synthetic trees in both layouts."""
-import os
 import pickle
 
 import numpy as np
