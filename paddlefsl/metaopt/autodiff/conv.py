@@ -1,1 +1,305 @@
-"""Op family: conv (rules being written)."""
+"""Convolutions: exact rules for the 2-D and 3-D convolution kernels and their transposes.
+
+A convolution ``y = conv(x, w)`` is bilinear. Its gradient with respect to ``x`` is the transposed convolution of
+the output gradient with ``w``, and its gradient with respect to ``w`` is a convolution of ``x`` with the output
+gradient (stride and dilation swapped, batch and channel axes exchanged). The transposed convolution is the
+adjoint of the convolution, so its gradients are the same two maps the other way round. Every backward below is
+written with the public ``paddle.nn.functional`` convolutions, which inside the exact scope route back to these
+rules: conv and conv_transpose differentiate each other, and every order is exact.
+
+``nn.Conv1D`` and ``F.conv1d`` reach ``conv2d`` (or ``depthwise_conv2d``) on an unsqueezed input; ``conv1d_transpose``
+reaches ``conv2d_transpose``; the bias is added by the stock ``add`` kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import paddle
+import paddle.nn.functional as F
+from paddle.autograd import PyLayer
+
+from paddlefsl.metaopt.autodiff.registry import exact, original
+
+FAMILY = "conv"
+
+
+def _ints(values, n: int) -> list[int]:
+    """Turn an int or a sequence of ints (or 0-d tensors) into a list of ``n`` Python ints."""
+    if isinstance(values, (int, float)):
+        return [int(values)] * n
+    out = [int(v) for v in values]
+    if len(out) == 1 and n > 1:
+        out = out * n
+    return out
+
+
+def resolve_padding(padding, algorithm: str, in_sizes: Sequence[int], kernel: Sequence[int],
+                    stride: Sequence[int], dilation: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Resolve Paddle's padding attributes into explicit ``[before_0, after_0, before_1, after_1, ...]`` pads.
+
+    Follows Paddle's own rule (``UpdatePaddingAndDilation``): ``"SAME"`` pads so that the output size is
+    ``ceil(in / stride)`` and resets the dilation to 1, ``"VALID"`` pads nothing, and an explicit list holds either
+    one pad per spatial axis or a (before, after) pair per axis.
+
+    Args:
+        padding: the kernel's ``paddings`` attribute.
+        algorithm: ``"EXPLICIT"``, ``"SAME"`` or ``"VALID"``.
+        in_sizes: the spatial sizes of the input the padding applies to.
+        kernel: the spatial kernel sizes.
+        stride: the strides.
+        dilation: the dilations.
+
+    Returns:
+        The explicit pads (two per spatial axis) and the effective dilations.
+    """
+    nd = len(in_sizes)
+    dilation = list(dilation)
+    algorithm = (algorithm or "EXPLICIT").upper()
+    if algorithm == "SAME":
+        pads = []
+        for size, k, s in zip(in_sizes, kernel, stride):
+            out = (size + s - 1) // s
+            total = max((out - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return pads, [1] * nd
+    if algorithm == "VALID":
+        return [0] * (2 * nd), dilation
+    flat = _ints(padding, nd)
+    if len(flat) == nd:
+        flat = [p for p in flat for _ in range(2)]
+    if len(flat) != 2 * nd:
+        raise ValueError(f"cannot read padding {padding!r} for {nd} spatial axes")
+    return flat, dilation
+
+
+def _channel_last(data_format: str) -> bool:
+    return str(data_format).upper().endswith("C")
+
+
+def _to_channel_first(t: paddle.Tensor) -> paddle.Tensor:
+    nd = t.ndim - 2
+    return paddle.transpose(t, [0, nd + 1] + list(range(1, nd + 1)))
+
+
+def _to_channel_last(t: paddle.Tensor) -> paddle.Tensor:
+    nd = t.ndim - 2
+    return paddle.transpose(t, [0] + list(range(2, nd + 2)) + [1])
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The resolved geometry of one convolution, channel-first (the spatial layout Paddle's weights use).
+
+    Attributes:
+        stride: strides, one per spatial axis.
+        pads: explicit pads, a (before, after) pair per spatial axis.
+        dilation: effective dilations.
+        groups: the number of channel groups.
+    """
+
+    stride: tuple
+    pads: tuple
+    dilation: tuple
+    groups: int
+
+    @property
+    def nd(self) -> int:
+        """The number of spatial axes."""
+        return len(self.stride)
+
+
+def _cf_format(nd: int) -> str:
+    return "NCHW" if nd == 2 else "NCDHW"
+
+
+def conv_cf(x: paddle.Tensor, w: paddle.Tensor, geo: ConvGeometry) -> paddle.Tensor:
+    """Channel-first convolution with explicit pads, through the public (scope-routed) functional API."""
+    fn = F.conv2d if geo.nd == 2 else F.conv3d
+    return fn(x, w, None, stride=list(geo.stride), padding=list(geo.pads), dilation=list(geo.dilation),
+              groups=geo.groups, data_format=_cf_format(geo.nd))
+
+
+def conv_transpose_cf(x: paddle.Tensor, w: paddle.Tensor, geo: ConvGeometry,
+                      out_sizes: Sequence[int]) -> paddle.Tensor:
+    """Channel-first transposed convolution with explicit pads and output size, through the public API."""
+    fn = F.conv2d_transpose if geo.nd == 2 else F.conv3d_transpose
+    return fn(x, w, None, stride=list(geo.stride), padding=list(geo.pads), dilation=list(geo.dilation),
+              groups=geo.groups, output_size=[int(s) for s in out_sizes], data_format=_cf_format(geo.nd))
+
+
+def conv_weight_grad(x: paddle.Tensor, gy: paddle.Tensor, kernel: Sequence[int], geo: ConvGeometry) -> paddle.Tensor:
+    """Gradient of ``<conv(x, w), gy>`` with respect to ``w`` (channel-first), as a differentiable convolution.
+
+    ``gw[o, i, k] = sum_{n, p} gy[n, o, p] * x_padded[n, g(o) * C/G + i, p * stride + k * dilation]``: a grouped
+    convolution whose batch is the per-group input channel axis, whose input channels are (group, batch) pairs and
+    whose filters are the output gradients, with stride and dilation exchanged.
+
+    Args:
+        x: the convolution input, ``[N, C, *spatial]``.
+        gy: the output gradient, ``[N, O, *out_spatial]``.
+        kernel: the spatial kernel sizes of ``w``.
+        geo: the convolution geometry.
+
+    Returns:
+        The weight gradient, ``[O, C / groups, *kernel]``.
+    """
+    nd, g = geo.nd, geo.groups
+    n, c = x.shape[0], x.shape[1]
+    spatial = list(x.shape[2:])
+    xs = x.reshape([n, g, c // g] + spatial)
+    xs = paddle.transpose(xs, [2, 1, 0] + list(range(3, nd + 3))).reshape([c // g, g * n] + spatial)
+    filters = paddle.transpose(gy, [1, 0] + list(range(2, nd + 2)))
+    swapped = ConvGeometry(geo.dilation, geo.pads, geo.stride, g)
+    out = conv_cf(xs, filters, swapped)
+    out = out[(slice(None), slice(None)) + tuple(slice(0, int(k)) for k in kernel)]
+    return paddle.transpose(out, [1, 0] + list(range(2, nd + 2)))
+
+
+class _Partial(PyLayer):
+    """One operand of a bilinear op: differentiable in ``t`` alone, the other operand is captured live.
+
+    Paddle prunes PyLayer input slots that do not lead to the tensors asked for in ``paddle.grad`` and then
+    refuses a gradient for them, so a two-input PyLayer breaks ``paddle.grad(loss, [w])`` when the input also
+    needs a gradient. Each operand therefore gets its own single-input PyLayer; the backward closes over the
+    other (live, differentiable) operand, so cross derivatives are kept at every order.
+    """
+
+    @staticmethod
+    def forward(ctx, t, value: Callable, grad: Callable):
+        ctx.grad = grad
+        return value()
+
+    @staticmethod
+    def backward(ctx, gy):
+        return ctx.grad(gy)
+
+
+def bilinear(x: paddle.Tensor, w: paddle.Tensor, run: Callable, grad_x: Callable, grad_w: Callable) -> paddle.Tensor:
+    """Apply a bilinear kernel ``run(x, w)`` with exact gradients given by differentiable ``grad_x``/``grad_w``.
+
+    Args:
+        x: the first operand.
+        w: the second operand.
+        run: computes the value (Paddle's own kernel).
+        grad_x: ``grad_x(gy, w)``, the gradient with respect to ``x``, in differentiable public ops.
+        grad_w: ``grad_w(x, gy)``, the gradient with respect to ``w``, in differentiable public ops.
+
+    Returns:
+        ``run(x, w)``, carrying the gradient rules.
+    """
+    need_x, need_w = not x.stop_gradient, not w.stop_gradient
+    if not paddle.is_grad_enabled() or not (need_x or need_w):
+        return run(x, w)
+    if need_x and not need_w:
+        return _Partial.apply(x, lambda: run(x, w), lambda gy: grad_x(gy, w))
+    if need_w and not need_x:
+        return _Partial.apply(w, lambda: run(x, w), lambda gy: grad_w(x, gy))
+    y = _Partial.apply(x, lambda: run(x, w), lambda gy: grad_x(gy, w))
+    zero = _Partial.apply(w, lambda: paddle.zeros(y.shape, y.dtype), lambda gy: grad_w(x, gy))
+    return y + zero
+
+
+def _conv_grads(geo: ConvGeometry, channel_last: bool, transposed: bool):
+    def grad_x(gy, w, x_shape):
+        g = _to_channel_first(gy) if channel_last else gy
+        if transposed:
+            out = conv_cf(g, w, geo)
+        else:
+            sizes = x_shape[1:-1] if channel_last else x_shape[2:]
+            out = conv_transpose_cf(g, w, geo, sizes)
+        return _to_channel_last(out) if channel_last else out
+
+    def grad_w(x, gy, kernel):
+        xc, g = (_to_channel_first(x), _to_channel_first(gy)) if channel_last else (x, gy)
+        return conv_weight_grad(g, xc, kernel, geo) if transposed else conv_weight_grad(xc, g, kernel, geo)
+
+    return grad_x, grad_w
+
+
+def _apply_bilinear(x, w, run, geo: ConvGeometry, channel_last: bool, transposed: bool) -> paddle.Tensor:
+    grad_x, grad_w = _conv_grads(geo, channel_last, transposed)
+    x_shape, kernel = list(x.shape), list(w.shape[2:])
+    return bilinear(x, w, run, lambda gy, w_: grad_x(gy, w_, x_shape), lambda x_, gy: grad_w(x_, gy, kernel))
+
+
+def _spatial(x: paddle.Tensor, channel_last: bool) -> list[int]:
+    return list(x.shape[1:-1]) if channel_last else list(x.shape[2:])
+
+
+def _apply_conv(name: str, x, w, strides, paddings, padding_algorithm, dilations, groups, data_format,
+                extra: tuple, kwargs: dict) -> paddle.Tensor:
+    last = _channel_last(data_format)
+    nd = x.ndim - 2
+    stride = _ints(strides, nd)
+    pads, dil = resolve_padding(paddings, padding_algorithm, _spatial(x, last), list(w.shape[2:]), stride,
+                                _ints(dilations, nd))
+    geo = ConvGeometry(tuple(stride), tuple(pads), tuple(dil), int(groups))
+    kernel = original(name)
+    if name in ("conv2d",):
+        run = lambda a, b: kernel(a, b, strides, paddings, padding_algorithm, dilations, groups, data_format,
+                                  *extra, **kwargs)
+    else:
+        run = lambda a, b: kernel(a, b, strides, paddings, padding_algorithm, groups, dilations, data_format,
+                                  *extra, **kwargs)
+    return _apply_bilinear(x, w, run, geo, last, transposed=False)
+
+
+def _apply_conv_transpose(name: str, x, w, strides, paddings, output_padding, output_size, padding_algorithm,
+                          groups, dilations, data_format, extra: tuple, kwargs: dict) -> paddle.Tensor:
+    last = _channel_last(data_format)
+    nd = x.ndim - 2
+    stride = _ints(strides, nd)
+    pads, dil = resolve_padding(paddings, padding_algorithm, _spatial(x, last), list(w.shape[2:]), stride,
+                                _ints(dilations, nd))
+    geo = ConvGeometry(tuple(stride), tuple(pads), tuple(dil), int(groups))
+    kernel = original(name)
+    run = lambda a, b: kernel(a, b, strides, paddings, output_padding, output_size, padding_algorithm, groups,
+                              dilations, data_format, *extra, **kwargs)
+    return _apply_bilinear(x, w, run, geo, last, transposed=True)
+
+
+@exact("conv2d", FAMILY, "grad: conv2d_transpose (input), grouped conv2d (weight)")
+def conv2d(x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format, *extra, **kwargs):
+    """Exact replacement of ``paddle._C_ops.conv2d`` (reached by ``nn.Conv1D``, ``nn.Conv2D``, ``F.conv1d/2d``)."""
+    return _apply_conv("conv2d", x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format,
+                       extra, kwargs)
+
+
+@exact("depthwise_conv2d", FAMILY, "grad: conv2d_transpose (input), grouped conv2d (weight)")
+def depthwise_conv2d(x, weight, strides, paddings, padding_algorithm, groups, dilations, data_format, *extra,
+                     **kwargs):
+    """Exact replacement of ``paddle._C_ops.depthwise_conv2d`` (convs with ``groups == in_channels``)."""
+    return _apply_conv("depthwise_conv2d", x, weight, strides, paddings, padding_algorithm, dilations, groups,
+                       data_format, extra, kwargs)
+
+
+@exact("conv3d", FAMILY, "grad: conv3d_transpose (input), grouped conv3d (weight)")
+def conv3d(x, weight, strides, paddings, padding_algorithm, groups, dilations, data_format, *extra, **kwargs):
+    """Exact replacement of ``paddle._C_ops.conv3d`` (reached by ``nn.Conv3D`` and ``F.conv3d``)."""
+    return _apply_conv("conv3d", x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format,
+                       extra, kwargs)
+
+
+@exact("conv2d_transpose", FAMILY, "grad: conv2d (input), grouped conv2d (weight)")
+def conv2d_transpose(x, weight, strides, paddings, output_padding, output_size, padding_algorithm, groups,
+                     dilations, data_format, *extra, **kwargs):
+    """Exact replacement of ``paddle._C_ops.conv2d_transpose`` (``nn.Conv2DTranspose``, ``F.conv1d_transpose``)."""
+    return _apply_conv_transpose("conv2d_transpose", x, weight, strides, paddings, output_padding, output_size,
+                                 padding_algorithm, groups, dilations, data_format, extra, kwargs)
+
+
+@exact("depthwise_conv2d_transpose", FAMILY, "grad: conv2d (input), grouped conv2d (weight)")
+def depthwise_conv2d_transpose(x, weight, strides, paddings, output_padding, output_size, padding_algorithm,
+                               groups, dilations, data_format, *extra, **kwargs):
+    """Exact replacement of ``paddle._C_ops.depthwise_conv2d_transpose``."""
+    return _apply_conv_transpose("depthwise_conv2d_transpose", x, weight, strides, paddings, output_padding,
+                                 output_size, padding_algorithm, groups, dilations, data_format, extra, kwargs)
+
+
+@exact("conv3d_transpose", FAMILY, "grad: conv3d (input), grouped conv3d (weight)")
+def conv3d_transpose(x, weight, strides, paddings, output_padding, output_size, padding_algorithm, groups,
+                     dilations, data_format, *extra, **kwargs):
+    """Exact replacement of ``paddle._C_ops.conv3d_transpose`` (``nn.Conv3DTranspose``)."""
+    return _apply_conv_transpose("conv3d_transpose", x, weight, strides, paddings, output_padding, output_size,
+                                 padding_algorithm, groups, dilations, data_format, extra, kwargs)
