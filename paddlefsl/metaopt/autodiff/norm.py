@@ -1,1 +1,219 @@
-"""Op family: norm (rules being written)."""
+"""Normalization layers: exact rules for ``batch_norm``, ``layer_norm``, ``group_norm`` and ``instance_norm``.
+
+Each rule runs Paddle's own kernel in forward (so values, and the in-place update of batch norm's running
+statistics, are exactly stock) and writes the backward with differentiable public Paddle ops. The backward
+recomputes the normalized input from the saved input, so every quantity it uses depends differentiably on the
+inputs and the rule is exact at every order.
+
+With ``x_hat = (x - mean_R(x)) * s``, ``s = 1 / sqrt(var_R(x) + eps)`` (biased variance over the reduced axes
+``R``) and ``y = w * x_hat + b``, the gradients for an upstream gradient ``g`` are::
+
+    dx = s * (h - mean_R(h) - x_hat * mean_R(h * x_hat)),   h = g * w
+    dw = sum(g * x_hat),   db = sum(g)        (summed over the axes that w and b are broadcast along)
+
+When statistics are fixed (batch norm in eval mode) ``dx = g * w * s``.
+
+Paddle prunes the input slots of a PyLayer that do not lead to the tensors asked for in ``paddle.grad`` and then
+refuses a gradient for them, so a multi-input PyLayer breaks ``paddle.grad(loss, [x])`` when another input also
+needs a gradient. :func:`apply_rule` therefore gives each input that needs a gradient its own single-input
+PyLayer whose backward closes over the other (live, differentiable) inputs, so cross derivatives are kept at
+every order.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import paddle
+from paddle.autograd import PyLayer
+
+from paddlefsl.metaopt.autodiff.registry import exact, original
+
+Tensor = paddle.Tensor
+
+
+class _Slot(PyLayer):
+    """One differentiable input of a rule: forward returns ``value()``, backward returns ``grad(*gys)``."""
+
+    @staticmethod
+    def forward(ctx, t, value: Callable, grad: Callable):
+        ctx.grad = grad
+        return value()
+
+    @staticmethod
+    def backward(ctx, *gys):
+        return ctx.grad(*gys)
+
+
+def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
+               grads: Sequence[Callable[..., Tensor]]) -> Any:
+    """Evaluate ``run()`` (Paddle's own kernel) with exact gradients for every input that needs one.
+
+    Args:
+        inputs: the rule's inputs (``None`` or tensors; those with ``stop_gradient=True`` get no gradient).
+        run: computes the outputs (one tensor or a tuple of tensors), called once.
+        grads: ``grads[i](*output_grads)`` returns the gradient for ``inputs[i]`` in differentiable public ops,
+            closing over the live inputs (so higher-order and cross derivatives are kept).
+
+    Returns:
+        ``run()``'s outputs, carrying the gradient rules.
+    """
+    needed = [i for i, t in enumerate(inputs) if t is not None and not t.stop_gradient]
+    if not paddle.is_grad_enabled() or not needed:
+        return run()
+    out = _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
+    for i in needed[1:]:
+        multi = isinstance(out, (tuple, list))
+        zeros = (lambda o=out: tuple(paddle.zeros_like(t) for t in o)) if multi else \
+            (lambda o=out: paddle.zeros_like(o))
+        extra = _Slot.apply(inputs[i], zeros, grads[i])
+        out = tuple(a + b for a, b in zip(out, extra)) if multi else out + extra
+    return out
+
+
+def _standardize(x: Tensor, axes: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
+    """Return ``(x_hat, s)``: ``x`` standardized over ``axes`` with biased variance, and the inverse std."""
+    xc = x - x.mean(axis=list(axes), keepdim=True)
+    inv_std = paddle.rsqrt((xc * xc).mean(axis=list(axes), keepdim=True) + eps)
+    return xc * inv_std, inv_std
+
+
+def _standardize_grad(h: Tensor, x_hat: Tensor, inv_std: Tensor, axes: Sequence[int]) -> Tensor:
+    """Gradient through ``x -> x_hat`` (batch statistics) for an upstream gradient ``h`` on ``x_hat``."""
+    axes = list(axes)
+    return inv_std * (h - h.mean(axis=axes, keepdim=True) - x_hat * (h * x_hat).mean(axis=axes, keepdim=True))
+
+
+def _channel_shape(ndim: int, channel_axis: int, channels: int) -> list[int]:
+    shape = [1] * ndim
+    shape[channel_axis] = channels
+    return shape
+
+
+def _affine_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None, run: Callable[[], Any],
+                 normalized: Callable[[], tuple[Tensor, Tensor]], input_grad: Callable[[Tensor, Tensor, Tensor],
+                                                                                       Tensor],
+                 pshape: Sequence[int], param_axes: Sequence[int]) -> Any:
+    """Rule for ``y = w * x_hat(x) + b``: ``normalized()`` recomputes ``(x_hat, s)`` from the live ``x``,
+    ``input_grad(h, x_hat, s)`` maps the gradient ``h`` on ``x_hat`` to ``x``; ``w``/``b`` broadcast as ``pshape``
+    and are reduced over ``param_axes``."""
+
+    def grad_x(g):
+        x_hat, inv_std = normalized()
+        h = g * weight.reshape(pshape) if weight is not None else g
+        return input_grad(h, x_hat, inv_std)
+
+    def grad_w(g):
+        x_hat, _ = normalized()
+        return (g * x_hat).sum(axis=list(param_axes)).reshape(weight.shape)
+
+    def grad_b(g):
+        return g.sum(axis=list(param_axes)).reshape(bias.shape)
+
+    return apply_rule([x, weight, bias], run, [grad_x, grad_w, grad_b])
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return paddle.is_grad_enabled() and any(t is not None and not t.stop_gradient for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------- batch norm
+
+@exact("batch_norm", "norm", "batch or running statistics; running statistics updated in place as stock")
+def batch_norm(x, mean, variance, scale, bias, is_test, momentum, epsilon, data_format, use_global_stats,
+               trainable_statistics, **kwargs):
+    """Exact ``_C_ops.batch_norm``: returns ``(out, mean_out, variance_out, saved_mean, saved_variance,
+    reserve_space)`` like the stock kernel; only ``out`` is differentiable (w.r.t. ``x``, ``scale``, ``bias``)."""
+    args = (x, mean, variance, scale, bias, is_test, momentum, epsilon, data_format, use_global_stats,
+            trainable_statistics)
+    if not _needs_grad(x, scale, bias):
+        return original("batch_norm")(*args, **kwargs)
+    rest: list[Any] = []
+
+    def run():
+        outs = original("batch_norm")(*args)
+        rest.extend(outs[1:])
+        return outs[0]
+
+    ndim = len(x.shape)
+    channel_axis = 1 if data_format in ("NCHW", "NCDHW", "NC", "NCL") else ndim - 1
+    axes = [a for a in range(ndim) if a != channel_axis]
+    bshape = _channel_shape(ndim, channel_axis, x.shape[channel_axis])
+    if bool(use_global_stats) or (bool(is_test) and not bool(trainable_statistics)):
+        # Running statistics are constants here; copy them so later training steps cannot change them.
+        stat_mean = mean.detach().clone().reshape(bshape)
+        stat_inv_std = paddle.rsqrt(variance.detach().clone().reshape(bshape) + epsilon)
+
+        def normalized():
+            return (x - stat_mean) * stat_inv_std, stat_inv_std
+
+        def input_grad(h, x_hat, inv_std):
+            return h * inv_std
+    else:
+        def normalized():
+            return _standardize(x, axes, epsilon)
+
+        def input_grad(h, x_hat, inv_std):
+            return _standardize_grad(h, x_hat, inv_std, axes)
+
+    out = _affine_rule(x, scale, bias, run, normalized, input_grad, bshape, axes)
+    return (out, *rest)
+
+
+# ----------------------------------------------------------------------------------------------- layer norm
+
+@exact("layer_norm", "norm")
+def layer_norm(x, scale, bias, epsilon, begin_norm_axis, **kwargs):
+    """Exact ``_C_ops.layer_norm`` (normalizes over the axes from ``begin_norm_axis`` on)."""
+    if not _needs_grad(x, scale, bias):
+        return original("layer_norm")(x, scale, bias, epsilon, begin_norm_axis, **kwargs)
+    ndim = len(x.shape)
+    begin = begin_norm_axis % ndim if ndim else 0
+    axes = list(range(begin, ndim))
+    return _affine_rule(x, scale, bias, lambda: original("layer_norm")(x, scale, bias, epsilon, begin_norm_axis),
+                        lambda: _standardize(x, axes, epsilon),
+                        lambda h, x_hat, s: _standardize_grad(h, x_hat, s, axes),
+                        [1] * begin + list(x.shape[begin:]), list(range(begin)))
+
+
+# ----------------------------------------------------------------------------------------------- group norm
+
+@exact("group_norm", "norm")
+def group_norm(x, scale, bias, epsilon, groups, data_format, **kwargs):
+    """Exact ``_C_ops.group_norm`` (channel-first or channel-last layouts)."""
+    if not _needs_grad(x, scale, bias):
+        return original("group_norm")(x, scale, bias, epsilon, groups, data_format, **kwargs)
+    shape = list(x.shape)
+    ndim = len(shape)
+    channel_axis = ndim - 1 if data_format in ("NHWC", "NDHWC", "NLC") else 1
+    c = shape[channel_axis]
+    if channel_axis == 1:
+        gshape, gaxes = [shape[0], groups, -1], [2]
+    else:
+        gshape, gaxes = [shape[0], -1, groups, c // groups], [1, 3]
+
+    def normalized():
+        x_hat, inv_std = _standardize(x.reshape(gshape), gaxes, epsilon)
+        return x_hat.reshape(shape), inv_std
+
+    def input_grad(h, x_hat, inv_std):
+        return _standardize_grad(h.reshape(gshape), x_hat.reshape(gshape), inv_std, gaxes).reshape(shape)
+
+    return _affine_rule(x, scale, bias,
+                        lambda: original("group_norm")(x, scale, bias, epsilon, groups, data_format),
+                        normalized, input_grad, _channel_shape(ndim, channel_axis, c),
+                        [a for a in range(ndim) if a != channel_axis])
+
+
+# -------------------------------------------------------------------------------------------- instance norm
+
+@exact("instance_norm", "norm")
+def instance_norm(x, scale, bias, epsilon, **kwargs):
+    """Exact ``_C_ops.instance_norm`` (per-sample, per-channel statistics over the spatial axes)."""
+    if not _needs_grad(x, scale, bias):
+        return original("instance_norm")(x, scale, bias, epsilon, **kwargs)
+    ndim = len(x.shape)
+    axes = list(range(2, ndim))
+    return _affine_rule(x, scale, bias, lambda: original("instance_norm")(x, scale, bias, epsilon),
+                        lambda: _standardize(x, axes, epsilon),
+                        lambda h, x_hat, s: _standardize_grad(h, x_hat, s, axes),
+                        _channel_shape(ndim, 1, x.shape[1]), [a for a in range(ndim) if a != 1])
