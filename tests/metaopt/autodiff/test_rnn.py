@@ -377,3 +377,29 @@ def test_second_order_error_is_gone_for_recurrent_layers():
     except SecondOrderError as err:  # pragma: no cover - the failure this file guards against
         pytest.fail(f"second-order adaptation of an LSTM raised {err}")
     assert all(not p.stop_gradient for p in ParameterSlots(task.model).tensors)
+
+
+class ConvGRU(nn.Layer):
+    """Conv1D feature extractor over time followed by a GRU and a linear head."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        paddle.seed(4)
+        self.conv = nn.Conv1D(I, H, kernel_size=2, padding=1)
+        self.rnn = nn.GRU(H, H)
+        self.head = nn.Linear(H, classes)
+
+    def forward(self, x, lengths):
+        feats = paddle.tanh(self.conv(x.transpose([0, 2, 1]))).transpose([0, 2, 1])
+        _, h = self.rnn(feats, sequence_length=lengths)
+        return self.head(h[-1])
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_meta_gradient_conv1d_gru(first_order):
+    report = check_meta_gradients(lambda: MAML(ConvGRU(), 0.8, first_order=first_order), _text_loss,
+                                  _text_task(1), coordinates=2, eps=1e-5)
+    if first_order:
+        assert not report.ok and report.max_error > 1e-3, str(report)
+    else:
+        assert report.ok, str(report)
