@@ -24,6 +24,9 @@ stock(["reshape", "transpose", "squeeze", "unsqueeze", "concat", "stack", "split
       "tensor", "shape or indexing (linear); Paddle's double gradient, checked against finite differences")
 stock(["pad", "pad3d"], "tensor", "F.pad (constant, reflect, replicate); Paddle's double gradient, checked against "
       "finite differences")
+stock(["repeat_interleave", "index_add", "masked_select"], "tensor", "indexing (linear); Paddle's double gradient, "
+      "checked against finite differences")
+stock(["zeros_like", "ones_like"], "tensor", "constant output, no gradient")
 stock(["matmul", "bmm", "linear"], "linalg", "Paddle's double gradient (transpose flags included), checked "
       "against finite differences")
 
@@ -432,3 +435,91 @@ def einsum(x, equation, out=None, **kwargs):
                                "within one operand), which has no exact higher-order rule")
     terms, rhs = parsed
     return _Einsum.apply(*operands, terms, rhs, equation), [], []
+
+
+class _Pointwise(PyLayer):
+    """y = kernel(x, *attrs) elementwise; backward is grad * deriv(x), in differentiable Paddle ops."""
+
+    @staticmethod
+    def forward(ctx, x, name, attrs, deriv):
+        ctx.save_for_backward(x)
+        ctx.deriv = deriv
+        return original(name)(x, *attrs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensor()
+        return grad * ctx.deriv(x)
+
+
+def _pointwise(name: str, x: paddle.Tensor, attrs: tuple, deriv: Callable) -> paddle.Tensor:
+    if x.stop_gradient or not paddle.is_grad_enabled():
+        return original(name)(x, *attrs)
+    return _Pointwise.apply(x, name, attrs, deriv)
+
+
+@exact("log1p", "tensor")
+def log1p(x, out=None, **kwargs):
+    return _pointwise("log1p", x, (), lambda t: 1.0 / (1.0 + t))
+
+
+@exact("expm1", "tensor")
+def expm1(x, out=None, **kwargs):
+    return _pointwise("expm1", x, (), paddle.exp)
+
+
+@exact("floor", "tensor", "zero gradient")
+def floor(x, out=None, **kwargs):
+    return _pointwise("floor", x, (), paddle.zeros_like)
+
+
+@exact("round", "tensor", "zero gradient")
+def round(x, decimals=0, out=None, **kwargs):
+    return _pointwise("round", x, (decimals,), paddle.zeros_like)
+
+
+class _Atan2(PyLayer):
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return original("atan2")(x, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensor()
+        r2 = x * x + y * y
+        return _sum_to_public(grad * y / r2, x.shape), _sum_to_public(-grad * x / r2, y.shape)
+
+
+@exact("atan2", "tensor")
+def atan2(x, y, out=None, **kwargs):
+    if (x.stop_gradient and y.stop_gradient) or not paddle.is_grad_enabled():
+        return original("atan2")(x, y)
+    return _Atan2.apply(x, y)
+
+
+@exact("diagonal", "tensor", "adjoint: Paddle's diagonal_grad kernel")
+def diagonal(x, offset=0, axis1=0, axis2=1, out=None, **kwargs):
+    like = x.detach()
+    return _linear(x, lambda t: original("diagonal")(t, offset, axis1, axis2),
+                   lambda g: original("diagonal_grad")(like, g, offset, axis1, axis2))
+
+
+@exact("addmm", "linalg", "composite: beta * input + alpha * x @ y")
+def addmm(input, x, y, beta=1.0, alpha=1.0, out=None, **kwargs):
+    return beta * input + alpha * paddle.matmul(x, y)
+
+
+@exact("lerp", "tensor", "composite: x + weight * (y - x)")
+def lerp(x, y, weight, out=None, **kwargs):
+    return x + weight * (y - x)
+
+
+@exact("kron", "linalg", "composite of reshape and multiply")
+def kron(x, y, out=None, **kwargs):
+    nd = max(len(x.shape), len(y.shape))
+    xs = [1] * (nd - len(x.shape)) + list(x.shape)
+    ys = [1] * (nd - len(y.shape)) + list(y.shape)
+    xe = paddle.reshape(x, [d for a in xs for d in (a, 1)])
+    ye = paddle.reshape(y, [d for b in ys for d in (1, b)])
+    return paddle.reshape(xe * ye, [a * b for a, b in zip(xs, ys)])

@@ -30,6 +30,7 @@ def _pos(*shape: int) -> np.ndarray:
 _I = np.array([[2, 0], [1, 1]], dtype=np.int64)
 _TIES = paddle.to_tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]], dtype="float64")
 _ROW = paddle.to_tensor([[1.0], [0.0]], dtype="float64")
+_LERP_W = paddle.to_tensor([[0.2, 0.7, -0.4], [1.3, 0.5, 0.0]], dtype="float64")
 _MASK = np.array([[True, False, True], [False, True, False]])
 
 # name -> (kernel names the case must reach, f, arrays). Each f applies a nonlinearity after the op.
@@ -144,6 +145,29 @@ CASES: dict[str, tuple[tuple[str, ...], Callable, list[np.ndarray]]] = {
                         + ((x * y) ** 3).sum(), [_r(2, 3), _r(2, 3)]),
     "normalize_zero_row": (("p_norm",), lambda x, y: (F.normalize(x * y * _ROW, axis=1) ** 3).sum()
                            + ((x * y) ** 3).sum(), [_r(2, 3), _r(2, 3)]),
+    "log1p": (("log1p",), lambda x, y: (paddle.log1p(x * y) ** 3).sum(), [_pos(2, 3), _pos(2, 3)]),
+    "expm1": (("expm1",), lambda x, y: (paddle.expm1(x * y) ** 3).sum(), [_r(2, 3), _r(2, 3)]),
+    "addmm": (("addmm",), lambda b, x, y: (paddle.addmm(b, x, y, 0.5, 2.0) ** 3).sum(), [_r(2, 2), _r(2, 3), _r(3, 2)]),
+    # stock lerp gives the weight no gradient (the rule does); here the weight is a constant
+    "lerp": (("lerp",), lambda x, y: (paddle.lerp(x, y, _LERP_W) ** 3).sum(), [_r(2, 3), _r(2, 3)]),
+    "repeat_interleave": (("repeat_interleave",),
+                          lambda x, y: (paddle.repeat_interleave(x * y, 2, axis=1) ** 3 * paddle.arange(12.0).reshape([2, 6])).sum(),
+                          [_r(2, 3), _r(2, 3)]),
+    "index_add": (("index_add",), lambda x, y, i: (paddle.index_add(x * y, i[:, 0], 0, y[:2] ** 2) ** 3).sum(),
+                  [_r(3, 3), _r(3, 3), np.array([[2], [0]], dtype=np.int64)]),
+    "masked_select": (("masked_select",), lambda x, y, m: (paddle.masked_select(x * y, m) ** 3 * paddle.arange(3.0)).sum(),
+                      [_r(2, 3), _r(2, 3), _MASK]),
+    "kron": (("kron",), lambda x, y: (paddle.kron(x, y) ** 3).sum(), [_r(2, 2), _r(2, 1)]),
+    "kron_3d": (("kron",), lambda x, y: (paddle.kron(x, y) ** 3).sum(), [_r(2, 1, 2), _r(3, 2)]),
+    "diagonal_offset": (("diagonal",), lambda x, y: (paddle.diagonal(x * y, 1, 1, 2) ** 3).sum(), [_r(2, 3, 3), _r(2, 3, 3)]),
+    "diagonal": (("diagonal",), lambda x, y: (paddle.diagonal(x * y) ** 3).sum(), [_r(3, 3), _r(3, 3)]),
+    "atan2": (("atan2",), lambda x, y: (paddle.atan2(x, y) ** 3).sum(), [_r(2, 3), _pos(2, 3)]),
+    "floor": (("floor",), lambda x, y: (paddle.floor(x * 3) * (x * y) ** 3).sum(), [_r(2, 3), _r(2, 3)]),
+    "round": (("round",), lambda x, y: (paddle.round(x * 3) * (x * y) ** 3).sum(), [_r(2, 3), _r(2, 3)]),
+    "zeros_like_kernel": (("zeros_like",), lambda x, y: ((x * y) ** 3 + _C_ops.zeros_like(x, paddle.float64, x.place)).sum(),
+                          [_r(2, 3), _r(2, 3)]),
+    "ones_like_kernel": (("ones_like",), lambda x, y: ((x * y) ** 3 * _C_ops.ones_like(x, paddle.float64, x.place)).sum(),
+                         [_r(2, 3), _r(2, 3)]),
     # linalg
     "matmul": (("matmul",), lambda x, y: (paddle.matmul(x, y) ** 3).sum(), [_r(2, 3), _r(3, 2)]),
     "matmul_tx": (("matmul",), lambda x, y: (paddle.matmul(x, y, transpose_x=True) ** 3).sum(), [_r(3, 2), _r(3, 2)]),
@@ -168,6 +192,10 @@ CASES: dict[str, tuple[tuple[str, ...], Callable, list[np.ndarray]]] = {
 
 # Kernels left guarded (no exact rule): differentiating them twice must raise SecondOrderError.
 GUARDED: dict[str, tuple[tuple[str, ...], Callable, list[np.ndarray]]] = {
+    "logit": (("logit",), lambda x, y: (paddle.logit(x * y) ** 3).sum(), [_pos(2, 3) / 2, _pos(2, 3) / 2]),
+    "scatter": (("scatter",), lambda x, y, i: (paddle.scatter(x * y, i[:, 0], y[:2] ** 2) ** 3).sum(),
+                [_r(3, 3), _r(3, 3), np.array([[2], [0]], dtype=np.int64)]),
+    "prod": (("prod",), lambda x, y: (paddle.prod(x * y, axis=1) ** 3).sum(), [_r(2, 3), _r(2, 3)]),
     "einsum_diagonal": (("einsum",), lambda x, y: (paddle.einsum("ii,ij->j", x, y) ** 3).sum(), [_r(3, 3), _r(3, 2)]),
     "put_along_axis": (("put_along_axis",),
                        lambda x, y, i: (paddle.put_along_axis(x * y, i[:, :1], y[:, :1] ** 2, axis=1) ** 3).sum(),
@@ -261,3 +289,12 @@ def test_every_tensor_and_linalg_rule_has_a_case() -> None:
     covered = {k for kernels, _, _ in CASES.values() for k in kernels}
     mine = {n for n, r in registry.rules().items() if r.family in ("tensor", "linalg")}
     assert mine - covered == set()
+
+
+def test_lerp_weight_gradient_is_exact_too() -> None:
+    check_second_order(lambda x, y, w: (paddle.lerp(x, y, w) ** 3).sum(), [_r(2, 3), _r(2, 3), _r(2, 3)], wrt=[0, 1])
+    with exact_ops():
+        x, y, w = (paddle.to_tensor(_r(2, 3), stop_gradient=False) for _ in range(3))
+        (gw,) = paddle.grad((paddle.lerp(x, y, w) ** 2).sum(), [w])
+    want = (2 * (x + w * (y - x)) * (y - x)).numpy()
+    np.testing.assert_allclose(gw.numpy(), want, rtol=1e-12)
