@@ -2,7 +2,7 @@
 
 Each rule runs Paddle's own kernel in forward (so values, and the in-place update of batch norm's running
 statistics, are exactly stock) and writes the backward with differentiable public Paddle ops. The backward
-recomputes the normalized input from the saved input, so every quantity it uses depends differentiably on the
+recomputes the normalized input from the live input, so every quantity it uses depends differentiably on the
 inputs and the rule is exact at every order.
 
 With ``x_hat = (x - mean_R(x)) * s``, ``s = 1 / sqrt(var_R(x) + eps)`` (biased variance over the reduced axes
