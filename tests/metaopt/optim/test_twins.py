@@ -307,3 +307,32 @@ def test_adam_with_stock_sqrt_would_give_nan_meta_gradients(monkeypatch):
             d.step(F.mse_loss(fm(xs), YS))
         F.mse_loss(fm(XQ), YQ).backward()
     assert not np.isfinite(model[0].weight.grad.numpy()).all()
+
+
+def make_attr_model() -> nn.Layer:
+    """Per-parameter settings through ParamAttr: a learning-rate scale, an own regularizer, no clipping."""
+    paddle.seed(4)
+    attr = paddle.ParamAttr(learning_rate=2.0, regularizer=L1(0.01), need_clip=False)
+    return nn.Sequential(nn.Linear(3, 4, weight_attr=attr), nn.Tanh(),
+                         nn.Linear(4, 2, bias_attr=paddle.ParamAttr(learning_rate=0.5, regularizer=L2(0.02))))
+
+
+@pytest.mark.parametrize("factory", [
+    lambda p: O.SGD(0.1, parameters=p, weight_decay=0.05, grad_clip=nn.ClipGradByGlobalNorm(0.1)),
+    lambda p: O.Momentum(0.1, momentum=0.8, parameters=p, weight_decay=L1(0.03), grad_clip=nn.ClipGradByValue(0.05)),
+    lambda p: O.Adam(0.05, parameters=p, weight_decay=0.05),
+    lambda p: O.RMSProp(0.05, centered=True, parameters=p),
+], ids=["sgd", "momentum", "adam", "rmsprop"])
+def test_param_attr_settings_match_paddle(factory):
+    reference = make_attr_model()
+    opt = factory(reference.parameters())
+    for _ in range(3):
+        F.mse_loss(reference(XS), YS).backward()
+        opt.step()
+        opt.clear_grad()
+    model = make_attr_model()
+    with innerloop_ctx(model, factory(model.parameters())) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(F.mse_loss(fmodel(XS), YS))
+    for want, got in zip(reference.parameters(), fmodel.parameters()):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
