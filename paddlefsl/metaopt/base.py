@@ -57,9 +57,9 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
     differentiable functions of the meta-model's; :meth:`adapt` updates a task learner out of place; :meth:`step`
     back-propagates a query loss into the meta-model and applies the meta-optimizer.
 
-    While a second-order task learner exists, Paddle kernels run through the exact op layer
-    (:mod:`paddlefsl.metaopt.autodiff`); once every task learner is released (``del task`` or rebinding the name),
-    ``paddle._C_ops`` is stock again.
+    While a task learner exists, Paddle kernels run through the exact op layer (:mod:`paddlefsl.metaopt.autodiff`),
+    for first-order learners too (Paddle's own first-order gradients are wrong for some kernels); once every task
+    learner is released (``del task`` or rebinding the name), ``paddle._C_ops`` is stock again.
 
     Args:
         model: the meta-model, any ``paddle.nn.Layer``.
@@ -187,7 +187,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         task._meta._clones_since_step += 1
         task._adapt_steps = 0
         task._clones_since_step = 0
-        task._lease = None if self.first_order else scope.Lease()
+        task._lease = scope.Lease()
         for name, layer in layers.items():
             setattr(task, name, layer)
         return task
@@ -198,8 +198,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             for _, sub in cloned.named_sublayers(include_self=True):
                 if isinstance(sub, (nn.layer.norm._BatchNormBase, nn.BatchNorm)):
                     sub._use_global_stats = True
-        if not self.first_order:
-            scope.track_layers(cloned)
+        scope.track_layers(cloned)
         return cloned
 
     def _require_task(self, method: str) -> None:
@@ -225,8 +224,6 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         """Gradients of ``loss`` w.r.t. ``params`` with every check the inner loop needs."""
         where = f"adapt step {self._adapt_steps + 1}"
         _check_scalar_loss(loss, where)
-        if not first_order and self._lease is None:
-            self._lease = scope.Lease()
         scope.take_error()
         try:
             grads = paddle.grad(loss, list(params), create_graph=not first_order, allow_unused=True)

@@ -198,10 +198,13 @@ def test_scope_is_active_while_a_second_order_task_learner_lives():
     assert not is_active() and _stock_kernels() == stock
 
 
-def test_first_order_learners_leave_paddle_stock():
+def test_first_order_learners_use_the_exact_layer_too_and_leave_paddle_stock():
     stock = _stock_kernels()
     task = MAML(mlp(), 0.1, first_order=True).clone()
-    task.adapt(task(paddle.randn([2, 1])).square().mean())
+    assert is_active()
+    task.adapt(task(paddle.randn([4, 1])).square().mean())
+    del task
+    gc.collect()
     assert not is_active() and _stock_kernels() == stock
 
 

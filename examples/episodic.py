@@ -1,0 +1,156 @@
+"""The command-line contract and meta-training loop shared by examples/omniglot.py and examples/miniimagenet.py.
+
+Each script builds its datasets and backbone, then calls :func:`run`. Data, model and learner meet only here and in
+those scripts; ``paddlefsl.metaopt`` knows nothing about files or loops.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+from tqdm import tqdm
+
+from paddlefsl.episodes import EpisodeSampler, make_task, mean_confidence_interval
+from paddlefsl.metaopt import ANIL, MAML, BaseLearner
+from paddlefsl.training import JSONLLogger, load_checkpoint, plot_learning_curve, read_jsonl, save_checkpoint
+
+ALGORITHMS = ("maml", "fomaml", "anil")
+
+
+def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
+    """The shared command line; ``defaults`` sets each dataset's paper values."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    p.add_argument("--split", choices=("minimal", "standard"), default="minimal")
+    p.add_argument("--data-root", required=True, help="folder holding the dataset files")
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--query", type=int, default=defaults["query"], help="query examples per class")
+    p.add_argument("--iterations", type=int, default=defaults["iterations"])
+    p.add_argument("--meta-batch", type=int, default=defaults["meta_batch"])
+    p.add_argument("--inner-steps", type=int, default=defaults["inner_steps"])
+    p.add_argument("--test-inner-steps", type=int, default=defaults["test_inner_steps"])
+    p.add_argument("--inner-lr", type=float, default=defaults["inner_lr"])
+    p.add_argument("--meta-lr", type=float, default=1e-3)
+    p.add_argument("--eval-tasks", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (metrics, checkpoints, results)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
+    p.add_argument("--log-every", type=int, default=10, help="iterations between metric records")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a clear message for arguments that cannot work."""
+    for name in ("ways", "shots", "query", "iterations", "meta_batch", "inner_steps", "test_inner_steps",
+                 "eval_tasks", "checkpoint_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.ways < 2:
+        p.error("--ways must be at least 2")
+    if not (args.inner_lr > 0 and args.meta_lr > 0):
+        p.error("--inner-lr and --meta-lr must be positive")
+    if not os.path.isdir(args.data_root):
+        p.error(f"--data-root {args.data_root!r} is not a folder")
+    if args.resume and not os.path.exists(os.path.join(args.out, "checkpoint.pkl")):
+        p.error(f"--resume: no checkpoint at {os.path.join(args.out, 'checkpoint.pkl')}")
+
+
+def make_learner(args: argparse.Namespace, model: nn.Layer, optimizer: paddle.optimizer.Optimizer) -> BaseLearner:
+    """The learner named by ``--algorithm`` around ``model`` (which has ``features`` and ``head``)."""
+    if args.algorithm == "anil":
+        return ANIL(model.features, model.head, args.inner_lr, meta_optimizer=optimizer)
+    return MAML(model, args.inner_lr, first_order=args.algorithm == "fomaml", meta_optimizer=optimizer)
+
+
+def adapt_and_predict(learner: BaseLearner, xs, ys, xq, steps: int, first_order: bool | None = None):
+    """Clone, adapt ``steps`` times on the support set, return (task learner, query logits)."""
+    task = learner.clone()
+    for _ in range(steps):
+        task.adapt(F.cross_entropy(task(xs), ys), first_order=first_order)
+    return task, task(xq)
+
+
+def evaluate(model: nn.Layer, args: argparse.Namespace, images, labels, tasks: int, seed: int) -> tuple:
+    """Mean accuracy and 95% CI over ``tasks`` test tasks, adapting ``--test-inner-steps`` times (first order)."""
+    learner = make_learner(args, model, None)
+    sampler = EpisodeSampler(labels, args.ways, args.shots, args.query, seed=seed, num_tasks=tasks)
+    accuracies = []
+    for task in sampler:
+        xs, ys, xq, yq = make_task(images, labels, task, to_tensor=True)
+        _, logits = adapt_and_predict(learner, xs, ys, xq, args.test_inner_steps, first_order=True)
+        accuracies.append(float((logits.argmax(axis=1) == yq).astype("float32").mean().item()))
+    return mean_confidence_interval(accuracies)
+
+
+def run(args: argparse.Namespace, model: nn.Layer, train, test, extra_eval: Callable[[nn.Layer], dict] | None = None
+        ) -> dict:
+    """Meta-train ``model`` on ``train`` episodes, checkpointing and logging, then evaluate on ``test``.
+
+    Returns the results dict also written to ``OUT/results.json``.
+    """
+    os.makedirs(args.out, exist_ok=True)
+    paddle.seed(args.seed)
+    np.random.seed(args.seed)
+    optimizer = paddle.optimizer.Adam(args.meta_lr, parameters=model.parameters())
+    learner = make_learner(args, model, optimizer)
+    sampler = EpisodeSampler(train.labels, args.ways, args.shots, args.query, seed=args.seed)
+    checkpoint = os.path.join(args.out, "checkpoint.pkl")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    start_iteration, seconds = 0, 0.0
+    if args.resume:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        start_iteration, seconds = state["step"], state["extra"]["seconds"]
+        sampler.set_state(state["extra"]["sampler"])
+        kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start_iteration] \
+            if os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    logger = JSONLLogger(metrics_path)
+    bar = tqdm(range(start_iteration + 1, args.iterations + 1), initial=start_iteration, total=args.iterations,
+               desc=f"{args.algorithm} {args.ways}-way {args.shots}-shot", dynamic_ncols=True)
+    tic = time.time()
+    for iteration in bar:
+        losses, correct = [], 0.0
+        for _ in range(args.meta_batch):
+            xs, ys, xq, yq = make_task(train.images, train.labels, sampler.sample(), to_tensor=True)
+            _, logits = adapt_and_predict(learner, xs, ys, xq, args.inner_steps)
+            losses.append(F.cross_entropy(logits, yq))
+            correct += float((logits.argmax(axis=1) == yq).astype("float32").mean().item())
+        loss = paddle.stack(losses).mean()
+        learner.step(loss)
+        accuracy = correct / args.meta_batch
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
+        if iteration % args.log_every == 0 or iteration == args.iterations:
+            logger.log(step=iteration, loss=float(loss.item()), accuracy=accuracy)
+        if iteration % args.checkpoint_every == 0 or iteration == args.iterations:
+            save_checkpoint(checkpoint, model, optimizer, step=iteration,
+                            extra={"sampler": sampler.get_state(), "seconds": seconds + time.time() - tic})
+    logger.close()
+    seconds += time.time() - tic
+    if os.path.getsize(metrics_path):
+        plot_learning_curve(metrics_path, os.path.join(args.out, "learning_curve.png"), keys=["loss", "accuracy"],
+                            smoothing=5, title=f"{args.algorithm} {args.ways}-way {args.shots}-shot")
+
+    accuracy, ci95 = evaluate(model, args, test.images, test.labels, args.eval_tasks, seed=args.seed + 1000)
+    results = {"test_accuracy": accuracy, "test_ci95": ci95, "iterations": args.iterations,
+               "seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / args.iterations, 3),
+               "config": vars(args)}
+    if extra_eval is not None:
+        results.update(extra_eval(model))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"test accuracy {100 * accuracy:.2f} +- {100 * ci95:.2f} % over {args.eval_tasks} tasks "
+          f"({args.iterations} iterations, {seconds:.0f} s)")
+    return results

@@ -1,0 +1,70 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("PADDLEFSL_DATA", ROOT.parent / "shared" / "data")) / "omniglot"
+pytestmark = pytest.mark.skipif(not (DATA / "images_background_small1.zip").exists(),
+                                reason=f"Omniglot minimal zips not found in {DATA}")
+
+
+def _omniglot(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot.py"), "--data-root", str(DATA),
+                           "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True)
+
+
+def _weights(out: Path) -> dict:
+    with open(out / "checkpoint.pkl", "rb") as f:
+        return pickle.load(f)["model"]
+
+
+def test_short_second_order_run_beats_chance_and_writes_everything(tmp_path):
+    run = _omniglot(tmp_path, "--iterations", "40", "--meta-batch", "8", "--eval-tasks", "60", "--log-every", "5")
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"test_accuracy", "test_ci95", "iterations", "seconds", "config"} <= set(results)
+    assert results["test_accuracy"] - results["test_ci95"] > 0.4, results  # chance is 0.2
+    assert 0 < results["lake_20way_one_shot_error"] < 0.95
+    assert (tmp_path / "learning_curve.png").stat().st_size > 5000
+    keys = set(_weights(tmp_path))
+    assert "head.weight" in keys and not any(k.startswith("model.") for k in keys)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, algorithm):
+    common = ["--algorithm", algorithm, "--meta-batch", "2", "--eval-tasks", "2", "--checkpoint-every", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _omniglot(straight, "--iterations", "4", *common).returncode == 0
+    assert _omniglot(split, "--iterations", "2", *common).returncode == 0
+    resumed = _omniglot(split, "--iterations", "4", "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(straight), _weights(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ways", "1"], "--ways must be at least 2"),
+    (["--iterations", "0"], "--iterations must be at least 1"),
+    (["--resume"], "--resume: no checkpoint"),
+    (["--algorithm", "reptile"], "invalid choice: 'reptile'"),
+])
+def test_bad_arguments_get_a_clear_message(tmp_path, args, message):
+    run = _omniglot(tmp_path / "new", *args)
+    assert run.returncode == 2 and message in run.stderr
+
+
+def test_missing_data_root_is_reported(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot.py"), "--data-root",
+                          str(tmp_path / "nowhere"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "is not a folder" in run.stderr
