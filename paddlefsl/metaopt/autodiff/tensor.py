@@ -7,6 +7,7 @@ applied with the adjoint map, so every order is exact: the adjoint of the adjoin
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -80,6 +81,41 @@ def _linear(x: paddle.Tensor, fwd: Callable, adj: Callable, lin: Callable | None
     if x.stop_gradient or not paddle.is_grad_enabled():
         return fwd(x)
     return _LinearMap.apply(x, fwd, adj, lin)
+
+
+class _Slot(PyLayer):
+    """One differentiable input of a multi-input rule: forward returns ``value()``, backward ``grad(*gys)``."""
+
+    @staticmethod
+    def forward(ctx, t, value: Callable, grad: Callable):
+        ctx.grad = grad
+        return value()
+
+    @staticmethod
+    def backward(ctx, *gys):
+        return ctx.grad(*gys)
+
+
+def _apply_multi(inputs: Sequence[paddle.Tensor | None], run: Callable[[], Any],
+                 grads: Sequence[Callable[..., paddle.Tensor]]) -> Any:
+    """Run ``run()`` (Paddle's kernel) with gradient ``grads[i](*output_grads)`` for each input that needs one.
+
+    Paddle prunes the input slots of a PyLayer that do not lead to the tensors asked for in ``paddle.grad`` and
+    then refuses a gradient for them, so each differentiable input gets its own single-input PyLayer. The
+    gradient functions close over the live inputs, so cross and higher-order derivatives are kept.
+    """
+    needed = [i for i, t in enumerate(inputs) if t is not None and not t.stop_gradient]
+    if not paddle.is_grad_enabled() or not needed:
+        return run()
+    out = _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
+    multi = isinstance(out, (tuple, list))
+    for i in needed[1:]:
+        if multi:
+            extra = _Slot.apply(inputs[i], lambda o=out: tuple(paddle.zeros_like(t) for t in o), grads[i])
+            out = tuple(a + b for a, b in zip(out, extra))
+        else:
+            out = out + _Slot.apply(inputs[i], lambda o=out: paddle.zeros_like(o), grads[i])
+    return out
 
 
 # --------------------------------------------------------------------------------------------- linear kernels
@@ -180,23 +216,20 @@ def unstack(x, axis=0, num=0, out=None, **kwargs):
     return list(_Unstack.apply(x, axis, num))
 
 
-class _BroadcastTensors(PyLayer):
-    @staticmethod
-    def forward(ctx, *xs):
-        ctx.shapes = [list(x.shape) for x in xs]
-        return tuple(original("broadcast_tensors")(list(xs)))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return tuple(_sum_to_public(g, s) for g, s in zip(grads, ctx.shapes))
-
-
 @exact("broadcast_tensors", "tensor", "adjoint: sum over broadcast dimensions")
 def broadcast_tensors(input, out=None, **kwargs):
     xs = list(input)
-    if all(x.stop_gradient for x in xs) or not paddle.is_grad_enabled():
-        return original("broadcast_tensors")(xs)
-    return list(_BroadcastTensors.apply(*xs))
+
+    shape = list(functools.reduce(paddle.broadcast_shape, [list(x.shape) for x in xs]))
+
+    def grad(i):
+        def g(*gys):
+            gy = gys[i] if gys[i] is not None else paddle.zeros(shape, xs[i].dtype)
+            return _sum_to_public(gy, xs[i].shape)
+        return g
+
+    result = _apply_multi(xs, lambda: tuple(original("broadcast_tensors")(xs)), [grad(i) for i in range(len(xs))])
+    return list(result)
 
 
 # ------------------------------------------------------------------------------------------ nonlinear kernels
@@ -263,46 +296,20 @@ def reciprocal(x, out=None, **kwargs):
     return _Reciprocal.apply(x)
 
 
-class _ElementwisePow(PyLayer):
-    @staticmethod
-    def forward(ctx, x, y):
-        z = original("elementwise_pow")(x, y)
-        ctx.save_for_backward(x, y, z)
-        return z
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y, z = ctx.saved_tensor()
-        gx = _sum_to_public(grad * y * paddle.pow(x, y - 1.0), x.shape) if not x.stop_gradient else None
-        gy = _sum_to_public(grad * z * paddle.log(x), y.shape) if not y.stop_gradient else None
-        return gx, gy
-
-
 @exact("elementwise_pow", "tensor", "d/dy uses log(x): defined for x > 0 as in Paddle")
 def elementwise_pow(x, y, out=None, **kwargs):
-    if (x.stop_gradient and y.stop_gradient) or not paddle.is_grad_enabled():
-        return original("elementwise_pow")(x, y)
-    return _ElementwisePow.apply(x, y)
-
-
-class _Dot(PyLayer):
-    @staticmethod
-    def forward(ctx, x, y):
-        ctx.save_for_backward(x, y)
-        return original("dot")(x, y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y = ctx.saved_tensor()
-        g = paddle.unsqueeze(grad, -1)
-        return g * y, g * x
+    return _apply_multi([x, y], lambda: original("elementwise_pow")(x, y), [
+        lambda g: _sum_to_public(g * y * paddle.pow(x, y - 1.0), x.shape),
+        lambda g: _sum_to_public(g * paddle.pow(x, y) * paddle.log(x), y.shape),
+    ])
 
 
 @exact("dot", "linalg")
 def dot(x, y, out=None, **kwargs):
-    if (x.stop_gradient and y.stop_gradient) or not paddle.is_grad_enabled():
-        return original("dot")(x, y)
-    return _Dot.apply(x, y)
+    return _apply_multi([x, y], lambda: original("dot")(x, y), [
+        lambda g: paddle.unsqueeze(g, -1) * y,
+        lambda g: paddle.unsqueeze(g, -1) * x,
+    ])
 
 
 @exact("masked_fill", "tensor", "composite: where(mask, value, x)")
@@ -354,7 +361,7 @@ class _PNorm(PyLayer):
             den = paddle.pow(y, porder - 1.0) + epsilon
         zero = den == 0
         safe = paddle.where(zero, paddle.ones_like(den), den)
-        return paddle.where(zero, paddle.zeros_like(x), grad * num / safe)
+        return paddle.where(zero, paddle.zeros_like(x), grad * num * paddle.reciprocal(safe))
 
 
 @exact("p_norm", "tensor", "p > 0 finite, inf and 0; zero vectors give zero gradient as in Paddle")
@@ -391,35 +398,25 @@ def _einsum_terms(equation: str, operands: Sequence[paddle.Tensor]) -> tuple[lis
     return out, rhs
 
 
-class _Einsum(PyLayer):
-    @staticmethod
-    def forward(ctx, *operands_and_terms):
-        *operands, terms, rhs, equation = operands_and_terms
-        ctx.save_for_backward(*operands)
-        ctx.terms, ctx.rhs = terms, rhs
-        return original("einsum")(list(operands), equation)[0]
+def _einsum_grad(operands: list[paddle.Tensor], terms: list[str], rhs: str, i: int) -> Callable:
+    """The gradient of an einsum with respect to operand ``i``, itself an einsum (then expanded if needed)."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        operands = ctx.saved_tensor()
-        grads = []
-        for i, (op, term) in enumerate(zip(operands, ctx.terms)):
-            if op.stop_gradient:
-                grads.append(None)
-                continue
-            others = [(o, t) for j, (o, t) in enumerate(zip(operands, ctx.terms)) if j != i]
-            present = set(ctx.rhs).union(*[set(t) for _, t in others])
-            reduced = "".join(c for c in term if c in present)
-            eq = ",".join([ctx.rhs] + [t for _, t in others]) + "->" + reduced
-            gi = paddle._C_ops.einsum([grad] + [o for o, _ in others], eq)[0]
-            if reduced != term:
-                sizes = dict(zip(term, op.shape))
-                for axis, c in enumerate(term):
-                    if c not in present:
-                        gi = paddle.unsqueeze(gi, axis)
-                gi = paddle.expand(gi, [sizes[c] if c not in present else gi.shape[a] for a, c in enumerate(term)])
-            grads.append(_sum_to_public(gi, op.shape))
-        return tuple(grads)
+    def grad(g):
+        op, term = operands[i], terms[i]
+        others = [(o, t) for j, (o, t) in enumerate(zip(operands, terms)) if j != i]
+        present = set(rhs).union(*[set(t) for _, t in others])
+        reduced = "".join(c for c in term if c in present)
+        eq = ",".join([rhs] + [t for _, t in others]) + "->" + reduced
+        gi = paddle._C_ops.einsum([g] + [o for o, _ in others], eq)[0]
+        if reduced != term:
+            for axis, c in enumerate(term):
+                if c not in present:
+                    gi = paddle.unsqueeze(gi, axis)
+            sizes = dict(zip(term, op.shape))
+            gi = paddle.expand(gi, [sizes[c] if c not in present else gi.shape[a] for a, c in enumerate(term)])
+        return _sum_to_public(gi, op.shape)
+
+    return grad
 
 
 @exact("einsum", "linalg", "one or two operands, ellipses allowed; no repeated subscript within one operand")
@@ -434,7 +431,9 @@ def einsum(x, equation, out=None, **kwargs):
         raise SecondOrderError("einsum", current_layer(), f"uses the equation {equation!r} (a subscript repeated "
                                "within one operand), which has no exact higher-order rule")
     terms, rhs = parsed
-    return _Einsum.apply(*operands, terms, rhs, equation), [], []
+    result = _apply_multi(operands, lambda: original("einsum")(operands, equation)[0],
+                          [_einsum_grad(operands, terms, rhs, i) for i in range(len(operands))])
+    return result, [], []
 
 
 class _Pointwise(PyLayer):
@@ -460,7 +459,7 @@ def _pointwise(name: str, x: paddle.Tensor, attrs: tuple, deriv: Callable) -> pa
 
 @exact("log1p", "tensor")
 def log1p(x, out=None, **kwargs):
-    return _pointwise("log1p", x, (), lambda t: 1.0 / (1.0 + t))
+    return _pointwise("log1p", x, (), lambda t: paddle.reciprocal(1.0 + t))
 
 
 @exact("expm1", "tensor")
@@ -478,24 +477,15 @@ def round(x, decimals=0, out=None, **kwargs):
     return _pointwise("round", x, (decimals,), paddle.zeros_like)
 
 
-class _Atan2(PyLayer):
-    @staticmethod
-    def forward(ctx, x, y):
-        ctx.save_for_backward(x, y)
-        return original("atan2")(x, y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, y = ctx.saved_tensor()
-        r2 = x * x + y * y
-        return _sum_to_public(grad * y / r2, x.shape), _sum_to_public(-grad * x / r2, y.shape)
-
-
 @exact("atan2", "tensor")
 def atan2(x, y, out=None, **kwargs):
-    if (x.stop_gradient and y.stop_gradient) or not paddle.is_grad_enabled():
-        return original("atan2")(x, y)
-    return _Atan2.apply(x, y)
+    def inv_r2():
+        return paddle.reciprocal(x * x + y * y)
+
+    return _apply_multi([x, y], lambda: original("atan2")(x, y), [
+        lambda g: _sum_to_public(g * y * inv_r2(), x.shape),
+        lambda g: _sum_to_public(-g * x * inv_r2(), y.shape),
+    ])
 
 
 @exact("diagonal", "tensor", "adjoint: Paddle's diagonal_grad kernel")

@@ -133,3 +133,12 @@ def test_every_activation_rule_has_a_case() -> None:
     covered = {k for k, _, _ in CASES.values()}
     mine = {n for n, r in registry.rules().items() if r.family == "activation"}
     assert mine - covered == set()
+
+
+@pytest.mark.parametrize("case", ["gelu", "gelu_tanh", "softmax", "log_softmax", "swish", "selu", "mish", "erf",
+                                  "logsigmoid", "tanh_shrink", "hardswish"])
+def test_exact_rules_are_exact_at_third_order(case: str) -> None:
+    from tests.metaopt.autodiff.test_tensor import check_third_order
+
+    _, f, arrays = CASES[case]
+    check_third_order(f, arrays)
