@@ -3,9 +3,13 @@ from paddlefsl.metaopt.anil import ANIL
 from paddlefsl.metaopt.autodiff import exact_ops
 from paddlefsl.metaopt.base import BaseLearner
 from paddlefsl.metaopt.errors import SecondOrderError
-from paddlefsl.metaopt.gradcheck import GradCheckReport, check_meta_gradients
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model, functional_call
+from paddlefsl.metaopt.gradcheck import GradCheckReport, check_meta_gradients
+from paddlefsl.metaopt.innerloop import DifferentiableOptimizer, FunctionalModel, innerloop_ctx
 from paddlefsl.metaopt.maml import MAML
+from paddlefsl.metaopt.meta_sgd import MetaSGD
+from paddlefsl.metaopt.optim import OptimizerTwin, register_twin, twin_for
 
-__all__ = ["ANIL", "BaseLearner", "MAML", "ParameterSlots", "SecondOrderError", "GradCheckReport",
-           "check_meta_gradients", "clone_model", "exact_ops", "functional_call"]
+__all__ = ["ANIL", "BaseLearner", "DifferentiableOptimizer", "FunctionalModel", "GradCheckReport", "MAML", "MetaSGD",
+           "OptimizerTwin", "ParameterSlots", "SecondOrderError", "check_meta_gradients", "clone_model", "exact_ops",
+           "functional_call", "innerloop_ctx", "register_twin", "twin_for"]

@@ -9,12 +9,11 @@ import paddle
 from paddle import nn
 
 from paddlefsl.metaopt.autodiff import scope
-from paddlefsl.metaopt.errors import SecondOrderError
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model
 
 BATCH_NORM_MODES = ("batch", "running", "shared")
 
-__all__ = ["BaseLearner", "BATCH_NORM_MODES", "check_inner_lr"]
+__all__ = ["BaseLearner", "BATCH_NORM_MODES", "check_inner_lr", "check_scalar_loss"]
 
 
 def check_inner_lr(inner_lr: object) -> float:
@@ -26,7 +25,8 @@ def check_inner_lr(inner_lr: object) -> float:
     return float(inner_lr)
 
 
-def _check_scalar_loss(loss: object, where: str) -> None:
+def check_scalar_loss(loss: object, where: str) -> None:
+    """Raise a clear error (prefixed by ``where``) unless ``loss`` is a finite scalar tensor with a graph."""
     if not isinstance(loss, paddle.Tensor):
         raise TypeError(f"{where}: loss must be a paddle.Tensor, got {type(loss).__name__}")
     if loss.size != 1:
@@ -143,7 +143,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         if self._meta is not None:
             raise RuntimeError("step() is the meta update: call it on the learner you built, not on a task "
                                "learner from clone()")
-        _check_scalar_loss(loss, "step")
+        check_scalar_loss(loss, "step")
         if self._clones_since_step == 0:
             raise RuntimeError("step(loss): no task learner was cloned since the last step; build loss from "
                                "task learners (task = learner.clone(); task.adapt(...); loss = f(task(x)))")
@@ -206,16 +206,23 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             raise RuntimeError(f"{method}() updates a task learner; call learner.clone() first and adapt the clone, "
                                "so the meta-model stays unchanged")
 
-    def _gradient_step(self, layer: nn.Layer, loss: paddle.Tensor, lr: float, first_order: bool | None,
-                       prefix: str = "") -> None:
-        """Replace each trainable parameter ``w`` of ``layer`` (a clone's) by ``w - lr * dloss/dw``."""
+    def _gradient_step(self, layer: nn.Layer, loss: paddle.Tensor, lr: float | Sequence[paddle.Tensor],
+                       first_order: bool | None, prefix: str = "") -> None:
+        """Replace each trainable parameter ``w`` of ``layer`` (a clone's) by ``w - lr * dloss/dw``.
+
+        ``lr`` is one number, or one tensor per trainable parameter (broadcast against it).
+        """
         self._require_task("adapt")
         first = self.first_order if first_order is None else bool(first_order)
         slots = ParameterSlots(layer)
         names = [prefix + n for n, p in slots.named() if not p.stop_gradient]
         params = [p for p in slots.tensors if not p.stop_gradient]
+        rates = [lr] * len(params) if isinstance(lr, float) else list(lr)
+        if len(rates) != len(params):
+            raise RuntimeError(f"{len(rates)} learning rates for {len(params)} trainable parameters {names}; do "
+                               "not freeze or unfreeze parameters after building the learner")
         grads = self._gradients(loss, names, params, first, self.allow_unused)
-        updates = iter(p if g is None else p - lr * g for p, g in zip(params, grads))
+        updates = iter(p if g is None else p - rate * g for p, g, rate in zip(params, grads, rates))
         slots.write([None if p.stop_gradient else next(updates) for p in slots.tensors])
         self._adapt_steps += 1
 
@@ -223,19 +230,8 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
                    first_order: bool, allow_unused: bool) -> list[paddle.Tensor | None]:
         """Gradients of ``loss`` w.r.t. ``params`` with every check the inner loop needs."""
         where = f"adapt step {self._adapt_steps + 1}"
-        _check_scalar_loss(loss, where)
-        scope.take_error()
-        try:
-            grads = paddle.grad(loss, list(params), create_graph=not first_order, allow_unused=True)
-        except SecondOrderError:
-            raise
-        except Exception as exc:
-            error = scope.take_error()
-            if error is not None:
-                raise error from None
-            if "does not need grad" in str(exc) or "stop_gradient" in str(exc):
-                raise ValueError(f"{where}: loss is not connected to the task model") from exc
-            raise
+        check_scalar_loss(loss, where)
+        grads = scope.grad(loss, list(params), create_graph=not first_order)
         if all(g is None for g in grads):
             raise ValueError(f"{where}: loss is not connected to the task model's parameters {list(names)}")
         unused = [name for name, g in zip(names, grads) if g is None]

@@ -17,6 +17,6 @@ class SecondOrderError(RuntimeError):
         self.layer = layer
         super().__init__(
             f"op '{op}' called in layer {layer} {reason}; its meta-gradient would be wrong. "
-            "Use first_order=True for this model, or register an exact rule for the op "
+            "Use first_order=True for this model (track_higher_grads=False in innerloop_ctx), or register an exact rule for the op "
             "(paddlefsl.metaopt.autodiff.registry.exact)."
         )

@@ -17,7 +17,8 @@ class GradCheckReport:
     """The outcome of :func:`check_meta_gradients`.
 
     Attributes:
-        errors: for each parameter name, the worst relative error over the checked coordinates.
+        errors: for each parameter name, the worst error over the checked coordinates (relative, with an absolute
+            floor; see :func:`check_meta_gradients`).
         checked: for each parameter name, how many coordinates were checked.
         rtol: the tolerance :attr:`ok` uses.
     """
@@ -46,13 +47,14 @@ class GradCheckReport:
 def check_meta_gradients(learner_factory: Callable[[], BaseLearner],
                          loss_fn: Callable[[BaseLearner, Any], paddle.Tensor], data: Any, *,
                          coordinates: int | None = 6, eps: float = 1e-6, rtol: float = 1e-6,
-                         seed: int = 0) -> GradCheckReport:
+                         atol: float = 1e-9, seed: int = 0) -> GradCheckReport:
     """Check a learner's meta-gradient against central finite differences, in float64.
 
     ``loss_fn(learner, data)`` must build the meta-loss deterministically (clone, adapt, query loss), with
     the model in float64. The meta-gradient from ``loss.backward()`` is compared, on sampled coordinates of each
-    trainable parameter, with ``(loss(w + eps) - loss(w - eps)) / (2 eps)``. The relative error of a coordinate is
-    ``|analytic - numeric| / max(|analytic|, |numeric|, 1e-6 * largest |numeric| of its parameter)``.
+    trainable parameter, with ``(loss(w + eps) - loss(w - eps)) / (2 eps)``. The error of a coordinate is
+    ``|analytic - numeric| / max(|analytic|, |numeric|, atol / rtol)``: a relative error, measured absolutely (against
+    ``atol``) for gradients too small for finite differences to resolve relatively.
 
     Args:
         learner_factory: returns a fresh learner; called once.
@@ -61,6 +63,7 @@ def check_meta_gradients(learner_factory: Callable[[], BaseLearner],
         coordinates: how many coordinates to sample per parameter (``None``: all of them).
         eps: the finite-difference step.
         rtol: the tolerance the report's ``ok`` uses.
+        atol: the absolute tolerance for near-zero gradients.
         seed: the seed for sampling coordinates.
 
     Returns:
@@ -107,7 +110,7 @@ def check_meta_gradients(learner_factory: Callable[[], BaseLearner],
         finally:
             paddle.assign(base, output=p)
         got = analytic[name].reshape(-1)[picks]
-        floor = 1e-6 * max(float(np.abs(numeric).max()), 1e-12)
+        floor = atol / rtol
         denom = np.maximum(np.maximum(np.abs(got), np.abs(numeric)), floor)
         report.errors[name] = float((np.abs(got - numeric) / denom).max())
         report.checked[name] = count

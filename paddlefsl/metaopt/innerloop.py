@@ -9,14 +9,13 @@ tensors (``override``).
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import paddle
 from paddle import nn
 
 from paddlefsl.metaopt.autodiff import scope
-from paddlefsl.metaopt.errors import SecondOrderError
+from paddlefsl.metaopt.base import check_scalar_loss
 from paddlefsl.metaopt.functional import ParameterSlots, functional_call
 from paddlefsl.metaopt.optim.base import OptimizerTwin, clip_gradients, param_groups, twin_for
 
@@ -98,19 +97,6 @@ class FunctionalModel:
 
     def _append(self, params: Sequence[paddle.Tensor]) -> None:
         self._history.append(list(params))
-
-
-def _check_loss(loss: object, step: int) -> None:
-    where = f"diffopt.step (step {step})"
-    if not isinstance(loss, paddle.Tensor):
-        raise TypeError(f"{where}: loss must be a paddle.Tensor, got {type(loss).__name__}")
-    if loss.size != 1:
-        raise ValueError(f"{where}: loss must be a scalar, got shape {list(loss.shape)}; reduce it first")
-    if not math.isfinite(float(loss.item())):
-        raise FloatingPointError(f"{where}: loss is {float(loss.item())}")
-    if loss.stop_gradient:
-        raise ValueError(f"{where}: loss is not connected to the fast weights (stop_gradient=True); compute it "
-                         "with fmodel(...)")
 
 
 class DifferentiableOptimizer:
@@ -209,20 +195,9 @@ class DifferentiableOptimizer:
             SecondOrderError: if an op in the model has no exact higher-order gradient.
         """
         step = self.fmodel.time + 1
-        _check_loss(loss, step)
+        check_scalar_loss(loss, f"diffopt.step (step {step})")
         params = self.fmodel.parameters()
-        scope.take_error()
-        try:
-            grads = paddle.grad(loss, params, create_graph=self.track_higher_grads, allow_unused=True)
-        except SecondOrderError:
-            raise
-        except Exception as exc:
-            error = scope.take_error()
-            if error is not None:
-                raise error from None
-            if "does not need grad" in str(exc) or "stop_gradient" in str(exc):
-                raise ValueError(f"diffopt.step (step {step}): loss is not connected to the fast weights") from exc
-            raise
+        grads = scope.grad(loss, params, create_graph=self.track_higher_grads)
         grads = [None if g is None else (g if self.track_higher_grads else g.detach()) for g in grads]
         if all(g is None for g in grads):
             raise ValueError(f"diffopt.step (step {step}): loss reaches none of the fast weights {self.fmodel.names}")
@@ -241,16 +216,6 @@ class DifferentiableOptimizer:
         new_params, self.state = self.twin.update(grads, self.state, params, self.hyper())
         self.fmodel._append(new_params)
         return list(new_params)
-
-
-def _track(model: nn.Layer) -> list[Any]:
-    """Name the running layer in SecondOrderError messages; returns hook handles to remove afterwards."""
-    handles = []
-    for path, layer in model.named_sublayers(include_self=True):
-        label = f"'{path or '<root>'}' ({type(layer).__name__})"
-        handles.append(layer.register_forward_pre_hook(scope._push(label)))
-        handles.append(layer.register_forward_post_hook(scope._pop))
-    return handles
 
 
 @contextlib.contextmanager
@@ -336,7 +301,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
     fmodel = FunctionalModel(model, initial)
     diffopt = DifferentiableOptimizer(optimizer, fmodel, override=override, track_higher_grads=track_higher_grads)
     lease = scope.Lease() if track_higher_grads else None
-    handles = _track(model) if track_higher_grads else []
+    handles = scope.track_layers(model) if track_higher_grads else []
     try:
         yield fmodel, diffopt
     finally:

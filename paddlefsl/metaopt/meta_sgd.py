@@ -83,16 +83,4 @@ class MetaSGD(BaseLearner):
             FloatingPointError: if ``loss`` or a gradient is not finite.
             SecondOrderError: if an op met on the way has no exact second-order gradient.
         """
-        self._require_task("adapt")
-        first = self.first_order if first_order is None else bool(first_order)
-        slots = ParameterSlots(self.model)
-        names = [n for n, p in slots.named() if not p.stop_gradient]
-        params = [p for p in slots.tensors if not p.stop_gradient]
-        rates = self._rates()
-        if len(rates) != len(params):
-            raise RuntimeError(f"the task model has {len(params)} trainable parameters but {len(rates)} learning "
-                               "rates; do not freeze or unfreeze parameters after building MetaSGD")
-        grads = self._gradients(loss, names, params, first, self.allow_unused)
-        updates = iter(p if g is None else p - rate * g for p, g, rate in zip(params, grads, rates))
-        slots.write([None if p.stop_gradient else next(updates) for p in slots.tensors])
-        self._adapt_steps += 1
+        self._gradient_step(self.model, loss, self._rates(), first_order)

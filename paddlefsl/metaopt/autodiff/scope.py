@@ -176,16 +176,40 @@ def exact_ops() -> Iterator[None]:
         lease.release()
 
 
-def track_layers(model: paddle.nn.Layer) -> None:
+def track_layers(model: paddle.nn.Layer) -> list[Any]:
     """Record the path of each sublayer of ``model`` while it runs, so errors can name the layer.
 
     Args:
         model: the layer to track; hooks are added to it and to all of its sublayers.
+
+    Returns:
+        The hook handles; call ``handle.remove()`` on each to stop tracking.
     """
+    handles = []
     for path, layer in model.named_sublayers(include_self=True):
         label = f"'{path or '<root>'}' ({type(layer).__name__})"
-        layer.register_forward_pre_hook(_push(label))
-        layer.register_forward_post_hook(_pop)
+        handles.append(layer.register_forward_pre_hook(_push(label)))
+        handles.append(layer.register_forward_post_hook(_pop))
+    return handles
+
+
+def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool) -> list[paddle.Tensor | None]:
+    """``paddle.grad(output, inputs, allow_unused=True)`` that re-raises a :class:`SecondOrderError` met inside
+    Paddle's backward as itself (Paddle wraps exceptions raised in a backward).
+
+    Raises:
+        SecondOrderError: if a guarded op was differentiated with ``create_graph=True``.
+    """
+    take_error()
+    try:
+        return list(paddle.grad(output, inputs, create_graph=create_graph, allow_unused=True))
+    except SecondOrderError:
+        raise
+    except Exception:
+        error = take_error()
+        if error is not None:
+            raise error from None
+        raise
 
 
 def _push(label: str) -> Callable:
