@@ -1,0 +1,79 @@
+"""Times one meta-iteration of paddlefsl's MAML on the shared peer workloads W1 and W2.
+
+    python benchmarks/workloads.py W1 --order second --iterations 5 --bench-dir ../shared/bench
+
+W1: Omniglot 5-way 1-shot, Conv4-64 strided, meta-batch 32, 1 inner step. W2: miniImageNet 5-way 1-shot, Conv4-32
+with BN and max-pool, meta-batch 4, 5 inner steps. The shapes come from the shared ``workload.py`` (the same file the
+PyTorch peer scripts read), so the figures compare side by side with ``peer_torch.py`` and ``paddle_raw.py`` run on
+the same machine at the same time (set OMP_NUM_THREADS equally for all).
+"""
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+from paddlefsl.metaopt import MAML
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("workload", choices=("W1", "W2"))
+parser.add_argument("--order", choices=("first", "second"), default="second")
+parser.add_argument("--iterations", type=int, default=5, help="timed meta-iterations (after one warm-up)")
+parser.add_argument("--bench-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
+parser.add_argument("--profile", action="store_true", help="print the top cProfile entries of one iteration")
+args = parser.parse_args()
+path = os.path.join(args.bench_dir, "workload.py")
+if not os.path.exists(path):
+    parser.error(f"no workload.py in --bench-dir {args.bench_dir}")
+spec = importlib.util.spec_from_file_location("workload", path)
+workload = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(workload)
+W = workload.WORKLOADS[args.workload]
+
+paddle.seed(0)
+c_in, size, _ = W["img"]
+layers = []
+for i in range(4):
+    conv = nn.Conv2D(c_in if i == 0 else W["channels"], W["channels"], 3, stride=1 if W["pool"] else 2, padding=1)
+    layers += [conv, nn.BatchNorm2D(W["channels"]), nn.ReLU()] + ([nn.MaxPool2D(2)] if W["pool"] else [])
+    size = size // 2 if W["pool"] else (size + 1) // 2
+model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(W["channels"] * size * size, W["ways"]))
+maml = MAML(model, W["inner_lr"], first_order=args.order == "first",
+            meta_optimizer=paddle.optimizer.Adam(1e-3, parameters=model.parameters()))
+n_s, n_q = W["ways"] * W["shots"], W["ways"] * W["query"]
+tasks = [(paddle.randn([n_s, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["shots"]),
+          paddle.randn([n_q, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["query"]))
+         for _ in range(W["meta_batch"])]
+
+
+def meta_iteration():
+    losses = []
+    for xs, ys, xq, yq in tasks:
+        task = maml.clone()
+        for _ in range(W["steps"]):
+            task.adapt(F.cross_entropy(task(xs), ys))
+        losses.append(F.cross_entropy(task(xq), yq))
+    maml.step(paddle.stack(losses).mean())
+
+
+meta_iteration()
+if args.profile:
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    meta_iteration()
+    profiler.disable()
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+times = []
+for _ in range(args.iterations):
+    start = time.perf_counter()
+    meta_iteration()
+    times.append(time.perf_counter() - start)
+print(f"{args.workload} paddlefsl {args.order}: median {statistics.median(times):.3f} s/meta-iter "
+      f"(min {min(times):.3f}, max {max(times):.3f}, threads {os.environ.get('OMP_NUM_THREADS', 'default')})")
