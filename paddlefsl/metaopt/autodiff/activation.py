@@ -1,4 +1,11 @@
-"""Activations: exact rules for softmax-type kernels, stock-verified elementwise activations."""
+"""Activations.
+
+Stock (Paddle's double gradient checked against finite differences): relu, tanh, sigmoid, leaky_relu, elu, celu,
+silu, softplus, exp. Exact rules (Paddle's kernel in forward, derivative in differentiable Paddle ops in backward):
+softmax, log_softmax, gelu (erf form and tanh approximation), erf, swish, logsigmoid, tanh_shrink, mish, selu,
+relu6, hardtanh, hardsigmoid, hardswish. Float attributes are read as float32, as Paddle's kernels do, so first-order
+gradients equal stock Paddle's.
+"""
 from __future__ import annotations
 
 import math
@@ -43,12 +50,14 @@ class _LogSoftmax(PyLayer):
 
 
 @exact("softmax", "activation")
-def softmax(x, axis, out=None):
+def softmax(x, axis=-1, out=None, **kwargs):
+    """Exact ``paddle._C_ops.softmax`` (same signature)."""
     return _Softmax.apply(x, axis)
 
 
 @exact("log_softmax", "activation")
-def log_softmax(x, axis, out=None):
+def log_softmax(x, axis=-1, out=None, **kwargs):
+    """Exact ``paddle._C_ops.log_softmax`` (same signature)."""
     return _LogSoftmax.apply(x, axis)
 
 
@@ -82,6 +91,7 @@ class _Gelu(PyLayer):
 
 @exact("gelu", "activation", "exact erf form and tanh approximation")
 def gelu(x, approximate=False, name=None, out=None, **kwargs):
+    """Exact ``paddle._C_ops.gelu`` (same signature)."""
     if isinstance(approximate, str):
         approximate = approximate.lower() == "tanh"
     approximate = bool(approximate)
@@ -125,11 +135,13 @@ def _band(x: paddle.Tensor, low: float, high: float) -> paddle.Tensor:
 
 @exact("erf", "activation")
 def erf(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.erf`` (same signature)."""
     return _pointwise("erf", x, (), lambda t: (2.0 / math.sqrt(math.pi)) * paddle.exp(-t * t))
 
 
 @exact("swish", "activation", "x * sigmoid(x)")
 def swish(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.swish`` (same signature)."""
     def deriv(t):
         s = F.sigmoid(t)
         return s + t * s * (1.0 - s)
@@ -139,16 +151,19 @@ def swish(x, out=None, **kwargs):
 
 @exact("logsigmoid", "activation")
 def logsigmoid(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.logsigmoid`` (same signature)."""
     return _pointwise("logsigmoid", x, (), lambda t: F.sigmoid(-t))
 
 
 @exact("tanh_shrink", "activation")
 def tanh_shrink(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.tanh_shrink`` (same signature)."""
     return _pointwise("tanh_shrink", x, (), lambda t: paddle.tanh(t) ** 2)
 
 
 @exact("mish", "activation", "x * tanh(softplus(x)), softplus linear above the threshold as in Paddle")
 def mish(x, threshold=20.0, out=None, **kwargs):
+    """Exact ``paddle._C_ops.mish`` (same signature)."""
     def deriv(t):
         th = paddle.tanh(F.softplus(t, beta=1.0, threshold=threshold))
         return th + t * (1.0 - th * th) * F.sigmoid(t)
@@ -159,6 +174,7 @@ def mish(x, threshold=20.0, out=None, **kwargs):
 @exact("selu", "activation")
 def selu(x, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848170429916717, out=None,
          **kwargs):
+    """Exact ``paddle._C_ops.selu`` (same signature)."""
     # Paddle keeps scale and alpha as float32 attributes; its gradient for x <= 0 is out + float32(scale * alpha).
     k = _f32(scale) * _f32(alpha)
     c = float(np.float32(scale) * np.float32(alpha))
@@ -173,16 +189,19 @@ def selu(x, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848
 
 @exact("relu6", "activation", "piecewise linear")
 def relu6(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.relu6`` (same signature)."""
     return _pointwise("relu6", x, (), lambda t: _band(t, 0.0, 6.0))
 
 
 @exact("hardtanh", "activation", "piecewise linear")
 def hardtanh(x, t_min=-1.0, t_max=1.0, out=None, **kwargs):
+    """Exact ``paddle._C_ops.hardtanh`` (same signature)."""
     return _pointwise("hardtanh", x, (t_min, t_max), lambda t: _band(t, t_min, t_max))
 
 
 @exact("hardsigmoid", "activation", "piecewise linear")
 def hardsigmoid(x, slope=0.1666667, offset=0.5, out=None, **kwargs):
+    """Exact ``paddle._C_ops.hardsigmoid`` (same signature)."""
     slope32, offset32 = _f32(slope), _f32(offset)
 
     def deriv(t):
@@ -194,6 +213,7 @@ def hardsigmoid(x, slope=0.1666667, offset=0.5, out=None, **kwargs):
 
 @exact("hardswish", "activation", "x * relu6(x + 3) / 6")
 def hardswish(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.hardswish`` (same signature)."""
     def deriv(t):
         middle = _band(t, -3.0, 3.0)
         high = original("cast")(original("greater_equal")(t, paddle.full([], 3.0, t.dtype)), t.dtype)

@@ -123,6 +123,7 @@ def _apply_multi(inputs: Sequence[paddle.Tensor | None], run: Callable[[], Any],
 
 @exact("cumsum", "tensor", "adjoint: reversed cumsum")
 def cumsum(x, axis=-1, flatten=False, exclusive=False, reverse=False, out=None, **kwargs):
+    """Exact ``paddle._C_ops.cumsum`` (same signature)."""
     shape = list(x.shape)
     if isinstance(axis, paddle.Tensor):
         axis = int(axis.item())
@@ -140,6 +141,7 @@ def cumsum(x, axis=-1, flatten=False, exclusive=False, reverse=False, out=None, 
 
 @exact("flatten", "tensor", "adjoint: reshape")
 def flatten(x, start_axis=0, stop_axis=-1, out=None, **kwargs):
+    """Exact ``paddle._C_ops.flatten`` (same signature)."""
     shape = list(x.shape)
     return _linear(x, lambda t: original("flatten")(t, start_axis, stop_axis),
                    lambda g: original("reshape")(g, shape))
@@ -147,6 +149,7 @@ def flatten(x, start_axis=0, stop_axis=-1, out=None, **kwargs):
 
 @exact("roll", "tensor", "adjoint: roll back")
 def roll(x, shifts, axis, out=None, **kwargs):
+    """Exact ``paddle._C_ops.roll`` (same signature)."""
     shifts = _as_list(shifts)
     axis = _as_list(axis) if axis is not None else []
     back = [-s for s in shifts]
@@ -155,6 +158,7 @@ def roll(x, shifts, axis, out=None, **kwargs):
 
 @exact("strided_slice", "tensor", "adjoint: Paddle's strided_slice_grad kernel")
 def strided_slice(x, axes, starts, ends, strides, out=None, **kwargs):
+    """Exact ``paddle._C_ops.strided_slice`` (same signature)."""
     axes, starts, ends, strides = (_as_list(v) for v in (axes, starts, ends, strides))
     like = x.detach()
     return _linear(x, lambda t: original("strided_slice")(t, axes, starts, ends, strides),
@@ -177,12 +181,14 @@ exact("triu", "tensor", "self-adjoint projection")(_tri("triu"))
 
 @exact("expand_as", "tensor", "adjoint: sum over broadcast dimensions")
 def expand_as(x, y=None, target_shape=None, out=None, **kwargs):
+    """Exact ``paddle._C_ops.expand_as`` (same signature)."""
     shape = list(x.shape)
     return _linear(x, lambda t: original("expand_as")(t, y, target_shape), lambda g: _sum_to(g, shape))
 
 
 @exact("mean_all", "tensor", "adjoint: broadcast / numel")
 def mean_all(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.mean_all`` (same signature)."""
     shape = list(x.shape)
     n = max(1, math.prod(shape))
 
@@ -211,6 +217,7 @@ class _Unstack(PyLayer):
 
 @exact("unstack", "tensor", "adjoint: stack")
 def unstack(x, axis=0, num=0, out=None, **kwargs):
+    """Exact ``paddle._C_ops.unstack`` (same signature)."""
     if x.stop_gradient or not paddle.is_grad_enabled():
         return original("unstack")(x, axis, num)
     return list(_Unstack.apply(x, axis, num))
@@ -218,6 +225,7 @@ def unstack(x, axis=0, num=0, out=None, **kwargs):
 
 @exact("broadcast_tensors", "tensor", "adjoint: sum over broadcast dimensions")
 def broadcast_tensors(input, out=None, **kwargs):
+    """Exact ``paddle._C_ops.broadcast_tensors`` (same signature)."""
     xs = list(input)
 
     shape = list(functools.reduce(paddle.broadcast_shape, [list(x.shape) for x in xs]))
@@ -293,11 +301,13 @@ class _Reciprocal(PyLayer):
 
 @exact("reciprocal", "tensor")
 def reciprocal(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.reciprocal`` (same signature)."""
     return _Reciprocal.apply(x)
 
 
 @exact("elementwise_pow", "tensor", "d/dy uses log(x): defined for x > 0 as in Paddle")
 def elementwise_pow(x, y, out=None, **kwargs):
+    """Exact ``paddle._C_ops.elementwise_pow`` (same signature)."""
     return _apply_multi([x, y], lambda: original("elementwise_pow")(x, y), [
         lambda g: _sum_to_public(g * y * paddle.pow(x, y - 1.0), x.shape),
         lambda g: _sum_to_public(g * paddle.pow(x, y) * paddle.log(x), y.shape),
@@ -306,6 +316,7 @@ def elementwise_pow(x, y, out=None, **kwargs):
 
 @exact("dot", "linalg")
 def dot(x, y, out=None, **kwargs):
+    """Exact ``paddle._C_ops.dot`` (same signature)."""
     return _apply_multi([x, y], lambda: original("dot")(x, y), [
         lambda g: paddle.unsqueeze(g, -1) * y,
         lambda g: paddle.unsqueeze(g, -1) * x,
@@ -314,6 +325,7 @@ def dot(x, y, out=None, **kwargs):
 
 @exact("masked_fill", "tensor", "composite: where(mask, value, x)")
 def masked_fill(x, mask, value, out=None, **kwargs):
+    """Exact ``paddle._C_ops.masked_fill`` (same signature)."""
     if not isinstance(value, paddle.Tensor):
         value = paddle.full([], value, x.dtype)
     return paddle.where(mask, paddle.cast(value, x.dtype), x)
@@ -321,6 +333,7 @@ def masked_fill(x, mask, value, out=None, **kwargs):
 
 @exact("bilinear", "linalg", "composite of matmul, reshape and sum")
 def bilinear(x, y, weight, bias=None, out=None, **kwargs):
+    """Exact ``paddle._C_ops.bilinear`` (same signature)."""
     k, i, j = weight.shape
     w = paddle.reshape(paddle.transpose(weight, [1, 0, 2]), [i, k * j])
     xw = paddle.reshape(paddle.matmul(x, w), [-1, k, j])
@@ -366,6 +379,7 @@ class _PNorm(PyLayer):
 
 @exact("p_norm", "tensor", "p > 0 finite, inf and 0; zero vectors give zero gradient as in Paddle")
 def p_norm(x, porder=2.0, axis=-1, epsilon=1e-12, keepdim=False, asvector=False, out=None, **kwargs):
+    """Exact ``paddle._C_ops.p_norm`` (same signature)."""
     if x.stop_gradient or not paddle.is_grad_enabled():
         return original("p_norm")(x, porder, axis, epsilon, keepdim, asvector)
     return _PNorm.apply(x, float(porder), int(axis), float(epsilon), bool(keepdim), bool(asvector))
@@ -421,6 +435,7 @@ def _einsum_grad(operands: list[paddle.Tensor], terms: list[str], rhs: str, i: i
 
 @exact("einsum", "linalg", "one or two operands, ellipses allowed; no repeated subscript within one operand")
 def einsum(x, equation, out=None, **kwargs):
+    """Exact ``paddle._C_ops.einsum`` (same signature)."""
     operands = list(x)
     if all(o.stop_gradient for o in operands) or not paddle.is_grad_enabled():
         return original("einsum")(operands, equation)
@@ -459,26 +474,31 @@ def _pointwise(name: str, x: paddle.Tensor, attrs: tuple, deriv: Callable) -> pa
 
 @exact("log1p", "tensor")
 def log1p(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.log1p`` (same signature)."""
     return _pointwise("log1p", x, (), lambda t: paddle.reciprocal(1.0 + t))
 
 
 @exact("expm1", "tensor")
 def expm1(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.expm1`` (same signature)."""
     return _pointwise("expm1", x, (), paddle.exp)
 
 
 @exact("floor", "tensor", "zero gradient")
 def floor(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.floor`` (same signature)."""
     return _pointwise("floor", x, (), paddle.zeros_like)
 
 
 @exact("round", "tensor", "zero gradient")
 def round(x, decimals=0, out=None, **kwargs):
+    """Exact ``paddle._C_ops.round`` (same signature)."""
     return _pointwise("round", x, (decimals,), paddle.zeros_like)
 
 
 @exact("atan2", "tensor")
 def atan2(x, y, out=None, **kwargs):
+    """Exact ``paddle._C_ops.atan2`` (same signature)."""
     def inv_r2():
         return paddle.reciprocal(x * x + y * y)
 
@@ -490,6 +510,7 @@ def atan2(x, y, out=None, **kwargs):
 
 @exact("diagonal", "tensor", "adjoint: Paddle's diagonal_grad kernel")
 def diagonal(x, offset=0, axis1=0, axis2=1, out=None, **kwargs):
+    """Exact ``paddle._C_ops.diagonal`` (same signature)."""
     like = x.detach()
     return _linear(x, lambda t: original("diagonal")(t, offset, axis1, axis2),
                    lambda g: original("diagonal_grad")(like, g, offset, axis1, axis2))
@@ -497,16 +518,19 @@ def diagonal(x, offset=0, axis1=0, axis2=1, out=None, **kwargs):
 
 @exact("addmm", "linalg", "composite: beta * input + alpha * x @ y")
 def addmm(input, x, y, beta=1.0, alpha=1.0, out=None, **kwargs):
+    """Exact ``paddle._C_ops.addmm`` (same signature)."""
     return beta * input + alpha * paddle.matmul(x, y)
 
 
 @exact("lerp", "tensor", "composite: x + weight * (y - x)")
 def lerp(x, y, weight, out=None, **kwargs):
+    """Exact ``paddle._C_ops.lerp`` (same signature)."""
     return x + weight * (y - x)
 
 
 @exact("kron", "linalg", "composite of reshape and multiply")
 def kron(x, y, out=None, **kwargs):
+    """Exact ``paddle._C_ops.kron`` (same signature)."""
     nd = max(len(x.shape), len(y.shape))
     xs = [1] * (nd - len(x.shape)) + list(x.shape)
     ys = [1] * (nd - len(y.shape)) + list(y.shape)
