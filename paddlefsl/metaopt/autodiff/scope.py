@@ -75,7 +75,7 @@ def _in_graph(value: Any) -> bool:
 
 def _trip(value: Any, op: str, layer: str) -> Any:
     if isinstance(value, paddle.Tensor):
-        if value.stop_gradient or not value.is_floating_point():
+        if value.stop_gradient or not value._is_initialized() or not value.is_floating_point():
             return value
         return _Tripwire.apply(value, op, layer)
     if isinstance(value, (list, tuple)):
