@@ -451,3 +451,17 @@ def test_plain_maml_reports_its_fixed_rate_and_has_no_extra_parameters():
     for (name, rate), (pname, p) in zip(learner.learning_rates(), learner.model.named_parameters()):
         assert name == pname and rate.dtype == p.dtype and rate.stop_gradient
         np.testing.assert_array_equal(rate.numpy(), [0.25])
+
+
+def test_per_step_batch_norm_2d_in_a_conv_model_matches_finite_differences():
+    def make():
+        paddle.seed(3)
+        model = nn.Sequential(nn.Conv2D(1, 2, 2), nn.BatchNorm2D(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 2 * 2, 1))
+        return MAML(model, 0.3, inner_steps=2, per_step_bn_stats=True, per_step_bn_weights=True,
+                    batch_norm="shared", learn_inner_lr="per_step_per_layer")
+
+    rng = np.random.default_rng(0)
+    xs, xq = (paddle.to_tensor(rng.normal(0, 1, (4, 1, 3, 3))) for _ in range(2))
+    data = (xs, paddle.to_tensor(rng.normal(0, 1, (4, 1))), xq, paddle.to_tensor(rng.normal(0, 1, (4, 1))))
+    report = check_meta_gradients(make, _bn_query_loss(2), data, coordinates=2, rtol=1e-6)
+    assert report.ok, str(report)
