@@ -1,1 +1,306 @@
-"""Op family: pool (rules being written)."""
+"""Pooling: exact rules for the 2-D and 3-D pooling kernels (max and average, plain and adaptive).
+
+* Average pooling is linear: ``y = A x``. Its rule is a pair of PyLayers, ``A`` and its adjoint ``A^T`` (Paddle's
+  own ``pool2d_grad``/``pool3d_grad`` kernel applied to the output gradient), each differentiated by the other,
+  so every order is exact for every option (kernel, stride, padding, ``ceil_mode``, ``exclusive``, adaptive,
+  global, NCHW/NHWC).
+* Max pooling selects one input per window: ``y = x[argmax]``. The argmax indices are computed once in forward
+  (``max_pool2d_with_index``; asymmetric padding by padding the input with ``-inf`` first); the backward
+  scatters the output gradient to those indices with a gather/scatter PyLayer pair, again each the other's
+  gradient, so every order is exact (the indices are locally constant for inputs without ties).
+
+``F.max_pool1d``, ``F.avg_pool1d`` and the adaptive 1-D pools reach the 2-D kernels on an unsqueezed input.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import paddle
+from paddle.autograd import PyLayer
+
+from paddlefsl.metaopt.autodiff.conv import resolve_padding
+from paddlefsl.metaopt.autodiff.registry import exact, original
+
+FAMILY = "pool"
+
+
+def _ints(values, n: int) -> list[int]:
+    if isinstance(values, paddle.Tensor):
+        values = values.tolist()
+    if isinstance(values, (int, float)):
+        return [int(values)] * n
+    out = [int(v) for v in values]
+    if len(out) == 1 and n > 1:
+        out = out * n
+    return out
+
+
+def _channel_last(data_format: str) -> bool:
+    return str(data_format).upper().endswith("C")
+
+
+def _to_channel_first(t: paddle.Tensor) -> paddle.Tensor:
+    nd = t.ndim - 2
+    return paddle.transpose(t, [0, nd + 1] + list(range(1, nd + 1)))
+
+
+def _to_channel_last(t: paddle.Tensor) -> paddle.Tensor:
+    nd = t.ndim - 2
+    return paddle.transpose(t, [0] + list(range(2, nd + 2)) + [1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Linear maps: a PyLayer for the map and one for its adjoint, each the other's gradient.
+# ----------------------------------------------------------------------------------------------------------------
+
+class _LinearMap:
+    """A fixed linear map on tensors given by a forward kernel and its adjoint kernel (both non-differentiable)."""
+
+    def __init__(self, apply: Callable, adjoint: Callable) -> None:
+        self.apply = apply
+        self.adjoint = adjoint
+
+
+class _Forward(PyLayer):
+    @staticmethod
+    def forward(ctx, x, op: _LinearMap):
+        ctx.op = op
+        return op.apply(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Adjoint.apply(grad, ctx.op)
+
+
+class _Adjoint(PyLayer):
+    @staticmethod
+    def forward(ctx, g, op: _LinearMap):
+        ctx.op = op
+        return op.adjoint(g)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Forward.apply(grad, ctx.op)
+
+
+def _avg_pool(name: str, x, args: tuple, kwargs: dict) -> paddle.Tensor:
+    kernel = original(name)
+    kernel_grad = original(name + "_grad")
+    shape = list(x.shape)
+    dtype = x.dtype
+    holder: dict = {}
+
+    def apply(t):
+        y = kernel(t, *args, **kwargs)
+        holder["out_shape"] = list(y.shape)
+        return y
+
+    def adjoint(g):
+        zx = paddle.zeros(shape, dtype)
+        zy = paddle.zeros(holder["out_shape"], dtype)
+        return kernel_grad(zx, zy, g, *args)
+
+    return _Forward.apply(x, _LinearMap(apply, adjoint))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Max pooling: gather at precomputed argmax indices; scatter back. Gather and scatter are each other's gradient.
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Gather(PyLayer):
+    @staticmethod
+    def forward(ctx, src, index, size: int):
+        ctx.index = index
+        ctx.size = size
+        return original("take_along_axis")(src, index, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Scatter.apply(grad, ctx.index, ctx.size)
+
+
+class _Scatter(PyLayer):
+    @staticmethod
+    def forward(ctx, values, index, size: int):
+        ctx.index = index
+        ctx.size = size
+        base = paddle.zeros(list(values.shape[:2]) + [size], values.dtype)
+        return original("put_along_axis")(base, index, values, 2, "add", True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Gather.apply(grad, ctx.index, ctx.size)
+
+
+def scatter_add(values: paddle.Tensor, index: paddle.Tensor, size: int) -> paddle.Tensor:
+    """Add ``values[n, c, l]`` into a zero ``[N, C, size]`` tensor at ``index[n, c, l]`` (exact at every order).
+
+    Args:
+        values: ``[N, C, L]`` floating tensor.
+        index: ``[N, C, L]`` int64 indices in ``[0, size)``.
+        size: the length of the last axis of the result.
+
+    Returns:
+        The ``[N, C, size]`` sum.
+    """
+    return _Scatter.apply(values, index, size)
+
+
+class _MaxPool(PyLayer):
+    @staticmethod
+    def forward(ctx, x, compute: Callable):
+        y, index, valid = compute(x)
+        ctx.index = index
+        ctx.valid = valid
+        ctx.x_shape = list(x.shape)
+        ctx.y_shape = list(y.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, c = ctx.x_shape[:2]
+        g = grad.reshape([n, c, -1])
+        if ctx.valid is not None:
+            g = g * ctx.valid
+        size = 1
+        for s in ctx.x_shape[2:]:
+            size *= s
+        return scatter_add(g, ctx.index, size).reshape(ctx.x_shape)
+
+
+def max_indices(x: paddle.Tensor, kernel: Sequence[int], stride: Sequence[int], pads: Sequence[int],
+                ceil_mode: bool, adaptive: bool) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+    """Flat argmax indices of channel-first max pooling, as ``[N, C, L]`` int64 plus a validity mask.
+
+    Args:
+        x: channel-first input ``[N, C, *spatial]`` (2 or 3 spatial axes).
+        kernel: kernel sizes (the output sizes when ``adaptive``).
+        stride: strides.
+        pads: explicit (before, after) pads per spatial axis.
+        ceil_mode: Paddle's ``ceil_mode``.
+        adaptive: adaptive pooling.
+
+    Returns:
+        The indices into the flattened spatial axes of ``x``, and a float mask that is 0 where a window holds
+        only padding (``None`` when there is none).
+    """
+    nd = x.ndim - 2
+    with_index = original("max_pool2d_with_index" if nd == 2 else "max_pool3d_with_index")
+    n, c = x.shape[:2]
+    spatial = list(x.shape[2:])
+    with paddle.no_grad():
+        if adaptive:
+            _, mask = with_index(x, list(kernel), [1] * nd, [0] * nd, False, True, False)
+            return mask.astype("int64").reshape([n, c, -1]), None
+        symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(nd))
+        if symmetric:
+            _, mask = with_index(x, list(kernel), list(stride), list(pads[0::2]), False, False, ceil_mode)
+            flat = mask.astype("int64").reshape([n, c, -1])
+            ok = flat >= 0
+        else:
+            padded = paddle.nn.functional.pad(x, [0, 0, 0, 0] + list(pads), value=float("-inf"))
+            _, mask = with_index(padded, list(kernel), list(stride), [0] * nd, False, False, ceil_mode)
+            flat = mask.astype("int64").reshape([n, c, -1])
+            ok = flat >= 0
+            rest = paddle.where(ok, flat, paddle.zeros_like(flat))
+            coords = []
+            for axis in reversed(range(nd)):
+                size = spatial[axis] + pads[2 * axis] + pads[2 * axis + 1]
+                coords.append(rest % size - pads[2 * axis])
+                rest = rest // size
+            coords.reverse()
+            flat = paddle.zeros_like(flat)
+            for axis in range(nd):
+                ok = ok & (coords[axis] >= 0) & (coords[axis] < spatial[axis])
+                flat = flat * spatial[axis] + coords[axis]
+        index = paddle.where(ok, flat, paddle.zeros_like(flat))
+        valid = None if bool(ok.all()) else ok.astype(x.dtype)
+    return index, valid
+
+
+def _max_pool_cf(x: paddle.Tensor, value: Callable, kernel, stride, pads, ceil_mode, adaptive) -> paddle.Tensor:
+    def compute(t):
+        return value(t), *max_indices(t, kernel, stride, pads, ceil_mode, adaptive)
+
+    return _MaxPool.apply(x, compute)
+
+
+def _pool(name: str, x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type,
+          global_pooling, adaptive, padding_algorithm, extra: tuple, kwargs: dict) -> paddle.Tensor:
+    args = (kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type, global_pooling,
+            adaptive, padding_algorithm) + tuple(extra)
+    if pooling_type != "max":
+        return _avg_pool(name, x, args, kwargs)
+    last = _channel_last(data_format)
+    nd = x.ndim - 2
+    xc = _to_channel_first(x) if last else x
+    spatial = list(xc.shape[2:])
+    kernel = spatial if global_pooling else _ints(kernel_size, nd)
+    stride = _ints(strides, nd)
+    if global_pooling or adaptive:
+        pads = [0] * (2 * nd)
+    else:
+        pads, _ = resolve_padding(paddings, padding_algorithm, spatial, kernel, stride, [1] * nd)
+    cf = "NCHW" if nd == 2 else "NCDHW"
+    kernel_fn = original(name)
+
+    def value(t):
+        return kernel_fn(t, kernel_size, strides, paddings, ceil_mode, exclusive, cf, pooling_type, global_pooling,
+                         adaptive, padding_algorithm, *extra, **kwargs)
+
+    y = _max_pool_cf(xc, value, kernel, stride, pads, ceil_mode, adaptive and not global_pooling)
+    return _to_channel_last(y) if last else y
+
+
+@exact("pool2d", FAMILY, "avg: linear map and adjoint; max: scatter to argmax")
+def pool2d(x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type, global_pooling,
+           adaptive, padding_algorithm, *extra, **kwargs):
+    """Exact replacement of ``paddle._C_ops.pool2d`` (``F.avg_pool1d/2d``, ``F.max_pool1d/2d``, adaptive avg)."""
+    return _pool("pool2d", x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type,
+                 global_pooling, adaptive, padding_algorithm, extra, kwargs)
+
+
+@exact("pool3d", FAMILY, "avg: linear map and adjoint; max: scatter to argmax")
+def pool3d(x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type, global_pooling,
+           adaptive, padding_algorithm, *extra, **kwargs):
+    """Exact replacement of ``paddle._C_ops.pool3d`` (``F.avg_pool3d``, ``F.max_pool3d``, adaptive avg 3-D)."""
+    return _pool("pool3d", x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type,
+                 global_pooling, adaptive, padding_algorithm, extra, kwargs)
+
+
+def _with_index(name: str, x, kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode, extra, kwargs):
+    nd = x.ndim - 2
+    spatial = list(x.shape[2:])
+    kernel = spatial if global_pooling else _ints(kernel_size, nd)
+    stride = _ints(strides, nd)
+    if global_pooling or adaptive:
+        pads = [0] * (2 * nd)
+    else:
+        pads, _ = resolve_padding(paddings, "EXPLICIT", spatial, kernel, stride, [1] * nd)
+    kernel_fn = original(name)
+    holder: dict = {}
+
+    def value(t):
+        out, mask = kernel_fn(t, kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode, *extra,
+                              **kwargs)
+        holder["mask"] = mask
+        return out
+
+    y = _max_pool_cf(x, value, kernel, stride, pads, ceil_mode, adaptive and not global_pooling)
+    return y, holder["mask"]
+
+
+@exact("max_pool2d_with_index", FAMILY, "scatter to the returned argmax")
+def max_pool2d_with_index(x, kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode, *extra,
+                          **kwargs):
+    """Exact replacement of ``paddle._C_ops.max_pool2d_with_index`` (``return_mask=True``, adaptive max pools)."""
+    return _with_index("max_pool2d_with_index", x, kernel_size, strides, paddings, global_pooling, adaptive,
+                       ceil_mode, extra, kwargs)
+
+
+@exact("max_pool3d_with_index", FAMILY, "scatter to the returned argmax")
+def max_pool3d_with_index(x, kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode, *extra,
+                          **kwargs):
+    """Exact replacement of ``paddle._C_ops.max_pool3d_with_index`` (3-D ``return_mask=True``, adaptive max)."""
+    return _with_index("max_pool3d_with_index", x, kernel_size, strides, paddings, global_pooling, adaptive,
+                       ceil_mode, extra, kwargs)
