@@ -191,28 +191,25 @@ def max_indices(x: paddle.Tensor, kernel: Sequence[int], stride: Sequence[int], 
     with paddle.no_grad():
         if adaptive:
             _, mask = with_index(x, list(kernel), [1] * nd, [0] * nd, False, True, False)
-            return mask.astype("int64").reshape([n, c, -1]), None
-        symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(nd))
-        if symmetric:
+            return _mask_to_index(x, mask)
+        if all(pads[2 * i] == pads[2 * i + 1] for i in range(nd)):
             _, mask = with_index(x, list(kernel), list(stride), list(pads[0::2]), False, False, ceil_mode)
-            flat = mask.astype("int64").reshape([n, c, -1])
-            ok = flat >= 0
-        else:
-            padded = paddle.nn.functional.pad(x, [0, 0, 0, 0] + list(pads), value=float("-inf"))
-            _, mask = with_index(padded, list(kernel), list(stride), [0] * nd, False, False, ceil_mode)
-            flat = mask.astype("int64").reshape([n, c, -1])
-            ok = flat >= 0
-            rest = paddle.where(ok, flat, paddle.zeros_like(flat))
-            coords = []
-            for axis in reversed(range(nd)):
-                size = spatial[axis] + pads[2 * axis] + pads[2 * axis + 1]
-                coords.append(rest % size - pads[2 * axis])
-                rest = rest // size
-            coords.reverse()
-            flat = paddle.zeros_like(flat)
-            for axis in range(nd):
-                ok = ok & (coords[axis] >= 0) & (coords[axis] < spatial[axis])
-                flat = flat * spatial[axis] + coords[axis]
+            return _mask_to_index(x, mask)
+        padded = paddle.nn.functional.pad(x, [0, 0, 0, 0] + list(pads), value=float("-inf"))
+        _, mask = with_index(padded, list(kernel), list(stride), [0] * nd, False, False, ceil_mode)
+        flat = mask.astype("int64").reshape([n, c, -1])
+        ok = flat >= 0
+        rest = paddle.where(ok, flat, paddle.zeros_like(flat))
+        coords = []
+        for axis in reversed(range(nd)):
+            size = spatial[axis] + pads[2 * axis] + pads[2 * axis + 1]
+            coords.append(rest % size - pads[2 * axis])
+            rest = rest // size
+        coords.reverse()
+        flat = paddle.zeros_like(flat)
+        for axis in range(nd):
+            ok = ok & (coords[axis] >= 0) & (coords[axis] < spatial[axis])
+            flat = flat * spatial[axis] + coords[axis]
         index = paddle.where(ok, flat, paddle.zeros_like(flat))
         valid = None if bool(ok.all()) else ok.astype(x.dtype)
     return index, valid
@@ -229,6 +226,8 @@ def _pool(name: str, x, kernel_size, strides, paddings, ceil_mode, exclusive, da
           global_pooling, adaptive, padding_algorithm, extra: tuple, kwargs: dict) -> paddle.Tensor:
     args = (kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type, global_pooling,
             adaptive, padding_algorithm) + tuple(extra)
+    if not paddle.is_grad_enabled() or x.stop_gradient:
+        return original(name)(x, *args, **kwargs)
     if pooling_type != "max":
         return _avg_pool(name, x, args, kwargs)
     last = _channel_last(data_format)
@@ -268,25 +267,31 @@ def pool3d(x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format,
                  global_pooling, adaptive, padding_algorithm, extra, kwargs)
 
 
+def _mask_to_index(x: paddle.Tensor, mask: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor | None]:
+    """Turn a ``max_pool*_with_index`` mask (flat spatial argmax, -1 for a window of padding only) into indices."""
+    n, c = x.shape[:2]
+    with paddle.no_grad():
+        flat = mask.astype("int64").reshape([n, c, -1])
+        ok = flat >= 0
+        index = paddle.where(ok, flat, paddle.zeros_like(flat))
+        valid = None if bool(ok.all()) else ok.astype(x.dtype)
+    return index, valid
+
+
 def _with_index(name: str, x, kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode, extra, kwargs):
-    nd = x.ndim - 2
-    spatial = list(x.shape[2:])
-    kernel = spatial if global_pooling else _ints(kernel_size, nd)
-    stride = _ints(strides, nd)
-    if global_pooling or adaptive:
-        pads = [0] * (2 * nd)
-    else:
-        pads, _ = resolve_padding(paddings, "EXPLICIT", spatial, kernel, stride, [1] * nd)
     kernel_fn = original(name)
+    run = lambda t: kernel_fn(t, kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode, *extra,
+                              **kwargs)
+    if not paddle.is_grad_enabled() or x.stop_gradient:
+        return run(x)
     holder: dict = {}
 
-    def value(t):
-        out, mask = kernel_fn(t, kernel_size, strides, paddings, global_pooling, adaptive, ceil_mode, *extra,
-                              **kwargs)
+    def compute(t):
+        out, mask = run(t)
         holder["mask"] = mask
-        return out
+        return (out,) + _mask_to_index(t, mask)
 
-    y = _max_pool_cf(x, value, kernel, stride, pads, ceil_mode, adaptive and not global_pooling)
+    y = _MaxPool.apply(x, compute)
     return y, holder["mask"]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from paddlefsl.metaopt.autodiff import exact_ops, rules
 from tests.metaopt.autodiff.test_conv import _arrays, _assert_forward_equal, _check, _nchw_to, _third_order_check
+from tests.opcheck import hvp_autograd, hvp_numeric
 
 
 def test_rules_registered():
@@ -144,3 +145,19 @@ def test_small_cnn_second_order_wrt_weights():
 def test_pool2d_third_order(fn):
     (x,) = _arrays((1, 1, 4, 4))
     _third_order_check(lambda x: (fn(x) ** 4).sum(), [x])
+
+
+def test_with_index_window_of_padding_only():
+    """A window of padding only (mask -1): stock max_pool2d_with_index_grad aborts on it, so the rule's HVP is
+    compared with finite differences of the same max pool reached through pool2d (no mask)."""
+    (x,) = _arrays((1, 2, 5, 5))
+    with_mask = lambda x: (F.max_pool2d(x, 2, 2, padding=1, ceil_mode=True, return_mask=True)[0] ** 3).sum()
+    plain = lambda x: (F.max_pool2d(x, 2, 2, padding=1, ceil_mode=True) ** 3).sum()
+    with exact_ops():
+        _, mask = F.max_pool2d(paddle.to_tensor(x), 2, 2, padding=1, ceil_mode=True, return_mask=True)
+    assert int(mask.min()) == -1
+    v = [np.random.default_rng(3).standard_normal(x.shape)]
+    got = hvp_autograd(with_mask, [x], [0], v)
+    want = hvp_numeric(plain, [x], [0], v)
+    assert np.abs(want[0]).max() > 1e-6
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-8)
