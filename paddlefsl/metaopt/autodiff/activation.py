@@ -17,7 +17,7 @@ from paddle.autograd import PyLayer
 
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
 
-stock(["relu", "tanh", "sigmoid", "leaky_relu", "elu", "celu", "silu", "softplus", "exp"],
+stock(["tanh", "sigmoid", "leaky_relu", "elu", "celu", "silu", "softplus", "exp"],
       "activation", "Paddle's double gradient, checked against finite differences")
 
 
@@ -185,6 +185,12 @@ def selu(x, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848
         return pos * _f32(scale) + (1.0 - pos) * neg_part
 
     return _pointwise("selu", x, (scale, alpha), deriv)
+
+
+@exact("relu", "activation", "stock is exact at second order but raises at third (relu_double_grad)")
+def relu(x, out=None, **kwargs):
+    """Exact ``paddle._C_ops.relu`` (same signature), differentiable at every order."""
+    return _pointwise("relu", x, (), lambda t: _band(t, 0.0, float("inf")))
 
 
 @exact("relu6", "activation", "piecewise linear")
