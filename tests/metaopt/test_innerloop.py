@@ -286,3 +286,33 @@ def test_bad_arguments_and_losses():
             diffopt.step(paddle.to_tensor(1.0))
         with pytest.raises(ValueError, match="not connected|reaches none"):
             diffopt.step((model(xs) ** 2).mean() * 0 + (paddle.to_tensor(1.0, stop_gradient=False) ** 2))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_agrees_with_anil(steps):
+    from paddlefsl.metaopt import ANIL
+
+    xs, ys, xq, yq = regression_task(dim=2)
+
+    def build():
+        features = mlp((2, 6, 6), seed=3)
+        paddle.seed(4)
+        return nn.Sequential(features, nn.Tanh()), nn.Linear(6, 1)
+
+    features_a, head_a = build()
+    anil = ANIL(features_a, head_a, inner_lr=0.3)
+    task = anil.clone()
+    for _ in range(steps):
+        task.adapt(F.mse_loss(task(xs), ys))
+    F.mse_loss(task(xq), yq).backward()
+
+    features_b, head_b = build()
+    with innerloop_ctx(head_b, O.SGD(0.3, parameters=head_b.parameters()), copy_initial_weights=False) \
+            as (fhead, diffopt):
+        for _ in range(steps):
+            diffopt.step(F.mse_loss(fhead(features_b(xs)), ys))
+        F.mse_loss(fhead(features_b(xq)), yq).backward()
+    pairs = list(zip(features_a.parameters(), features_b.parameters())) + list(zip(head_a.parameters(),
+                                                                                   head_b.parameters()))
+    for a, b in pairs:
+        np.testing.assert_allclose(b.grad.numpy(), a.grad.numpy(), rtol=1e-12, atol=1e-14)
