@@ -271,7 +271,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
 
     Raises:
         TypeError: if ``model`` is not a Layer or ``optimizer`` not a Paddle optimizer.
-        NotImplementedError: if the optimizer type has no registered twin.
+        TypeError: if the optimizer type has no registered twin.
         ValueError: if a trainable parameter of ``model`` is not in ``optimizer``, or ``override`` names a
             hyper-parameter the optimizer does not have or has the wrong number of values.
 

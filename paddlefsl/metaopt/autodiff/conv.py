@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 
 import paddle
 import paddle.nn.functional as F
-from paddle.autograd import PyLayer
 
 from paddlefsl.metaopt.autodiff.registry import exact, original
+from paddlefsl.metaopt.autodiff.slots import apply_rule
 
 FAMILY = "conv"
 
@@ -156,25 +156,6 @@ def conv_weight_grad(x: paddle.Tensor, gy: paddle.Tensor, kernel: Sequence[int],
     return paddle.transpose(out, [1, 0] + list(range(2, nd + 2)))
 
 
-class _Partial(PyLayer):
-    """One operand of a bilinear op: differentiable in ``t`` alone, the other operand is captured live.
-
-    Paddle prunes PyLayer input slots that do not lead to the tensors asked for in ``paddle.grad`` and then
-    refuses a gradient for them, so a two-input PyLayer breaks ``paddle.grad(loss, [w])`` when the input also
-    needs a gradient. Each operand therefore gets its own single-input PyLayer; the backward closes over the
-    other (live, differentiable) operand, so cross derivatives are kept at every order.
-    """
-
-    @staticmethod
-    def forward(ctx, t, value: Callable, grad: Callable):
-        ctx.grad = grad
-        return value()
-
-    @staticmethod
-    def backward(ctx, gy):
-        return ctx.grad(gy)
-
-
 def bilinear(x: paddle.Tensor, w: paddle.Tensor, run: Callable, grad_x: Callable, grad_w: Callable) -> paddle.Tensor:
     """Apply a bilinear kernel ``run(x, w)`` with exact gradients given by differentiable ``grad_x``/``grad_w``.
 
@@ -188,16 +169,7 @@ def bilinear(x: paddle.Tensor, w: paddle.Tensor, run: Callable, grad_x: Callable
     Returns:
         ``run(x, w)``, carrying the gradient rules.
     """
-    need_x, need_w = not x.stop_gradient, not w.stop_gradient
-    if not paddle.is_grad_enabled() or not (need_x or need_w):
-        return run(x, w)
-    if need_x and not need_w:
-        return _Partial.apply(x, lambda: run(x, w), lambda gy: grad_x(gy, w))
-    if need_w and not need_x:
-        return _Partial.apply(w, lambda: run(x, w), lambda gy: grad_w(x, gy))
-    y = _Partial.apply(x, lambda: run(x, w), lambda gy: grad_x(gy, w))
-    zero = _Partial.apply(w, lambda: paddle.zeros(y.shape, y.dtype), lambda gy: grad_w(x, gy))
-    return y + zero
+    return apply_rule([x, w], lambda: run(x, w), [lambda gy: grad_x(gy, w), lambda gy: grad_w(x, gy)])
 
 
 def _conv_grads(geo: ConvGeometry, channel_last: bool, transposed: bool):

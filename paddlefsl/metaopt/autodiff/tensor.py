@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import paddle
 from paddle.autograd import PyLayer
 
+from paddlefsl.metaopt.autodiff.slots import apply_rule
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
 
 stock(["add", "subtract", "multiply", "divide", "scale", "pow", "square", "sqrt", "log", "abs", "maximum",
@@ -81,41 +82,6 @@ def _linear(x: paddle.Tensor, fwd: Callable, adj: Callable, lin: Callable | None
     if x.stop_gradient or not paddle.is_grad_enabled():
         return fwd(x)
     return _LinearMap.apply(x, fwd, adj, lin)
-
-
-class _Slot(PyLayer):
-    """One differentiable input of a multi-input rule: forward returns ``value()``, backward ``grad(*gys)``."""
-
-    @staticmethod
-    def forward(ctx, t, value: Callable, grad: Callable):
-        ctx.grad = grad
-        return value()
-
-    @staticmethod
-    def backward(ctx, *gys):
-        return ctx.grad(*gys)
-
-
-def _apply_multi(inputs: Sequence[paddle.Tensor | None], run: Callable[[], Any],
-                 grads: Sequence[Callable[..., paddle.Tensor]]) -> Any:
-    """Run ``run()`` (Paddle's kernel) with gradient ``grads[i](*output_grads)`` for each input that needs one.
-
-    Paddle prunes the input slots of a PyLayer that do not lead to the tensors asked for in ``paddle.grad`` and
-    then refuses a gradient for them, so each differentiable input gets its own single-input PyLayer. The
-    gradient functions close over the live inputs, so cross and higher-order derivatives are kept.
-    """
-    needed = [i for i, t in enumerate(inputs) if t is not None and not t.stop_gradient]
-    if not paddle.is_grad_enabled() or not needed:
-        return run()
-    out = _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
-    multi = isinstance(out, (tuple, list))
-    for i in needed[1:]:
-        if multi:
-            extra = _Slot.apply(inputs[i], lambda o=out: tuple(paddle.zeros_like(t) for t in o), grads[i])
-            out = tuple(a + b for a, b in zip(out, extra))
-        else:
-            out = out + _Slot.apply(inputs[i], lambda o=out: paddle.zeros_like(o), grads[i])
-    return out
 
 
 # --------------------------------------------------------------------------------------------- linear kernels
@@ -236,7 +202,7 @@ def broadcast_tensors(input, out=None, **kwargs):
             return _sum_to_public(gy, xs[i].shape)
         return g
 
-    result = _apply_multi(xs, lambda: tuple(original("broadcast_tensors")(xs)), [grad(i) for i in range(len(xs))])
+    result = apply_rule(xs, lambda: tuple(original("broadcast_tensors")(xs)), [grad(i) for i in range(len(xs))])
     return list(result)
 
 
@@ -308,7 +274,7 @@ def reciprocal(x, out=None, **kwargs):
 @exact("elementwise_pow", "tensor", "d/dy uses log(x): defined for x > 0 as in Paddle")
 def elementwise_pow(x, y, out=None, **kwargs):
     """Exact ``paddle._C_ops.elementwise_pow`` (same signature)."""
-    return _apply_multi([x, y], lambda: original("elementwise_pow")(x, y), [
+    return apply_rule([x, y], lambda: original("elementwise_pow")(x, y), [
         lambda g: _sum_to_public(g * y * paddle.pow(x, y - 1.0), x.shape),
         lambda g: _sum_to_public(g * paddle.pow(x, y) * paddle.log(x), y.shape),
     ])
@@ -317,7 +283,7 @@ def elementwise_pow(x, y, out=None, **kwargs):
 @exact("dot", "linalg")
 def dot(x, y, out=None, **kwargs):
     """Exact ``paddle._C_ops.dot`` (same signature)."""
-    return _apply_multi([x, y], lambda: original("dot")(x, y), [
+    return apply_rule([x, y], lambda: original("dot")(x, y), [
         lambda g: paddle.unsqueeze(g, -1) * y,
         lambda g: paddle.unsqueeze(g, -1) * x,
     ])
@@ -446,7 +412,7 @@ def einsum(x, equation, out=None, **kwargs):
         raise SecondOrderError("einsum", current_layer(), f"uses the equation {equation!r} (a subscript repeated "
                                "within one operand), which has no exact higher-order rule")
     terms, rhs = parsed
-    result = _apply_multi(operands, lambda: original("einsum")(operands, equation)[0],
+    result = apply_rule(operands, lambda: original("einsum")(operands, equation)[0],
                           [_einsum_grad(operands, terms, rhs, i) for i in range(len(operands))])
     return result, [], []
 
@@ -502,7 +468,7 @@ def atan2(x, y, out=None, **kwargs):
     def inv_r2():
         return paddle.reciprocal(x * x + y * y)
 
-    return _apply_multi([x, y], lambda: original("atan2")(x, y), [
+    return apply_rule([x, y], lambda: original("atan2")(x, y), [
         lambda g: _sum_to_public(g * y * inv_r2(), x.shape),
         lambda g: _sum_to_public(-g * x * inv_r2(), y.shape),
     ])

@@ -312,7 +312,7 @@ def twin_for(optimizer: paddle.optimizer.Optimizer) -> OptimizerTwin:
 
     Raises:
         TypeError: if ``optimizer`` is not a Paddle optimizer.
-        NotImplementedError: if no twin is registered for its class.
+        TypeError: if no twin is registered for its class.
     """
     if not isinstance(optimizer, paddle.optimizer.Optimizer):
         raise TypeError(f"optimizer must be a paddle.optimizer.Optimizer, got {type(optimizer).__name__}")
@@ -320,5 +320,5 @@ def twin_for(optimizer: paddle.optimizer.Optimizer) -> OptimizerTwin:
     if twin is not None:
         return twin
     names = sorted(cls.__name__ for cls in _TWINS)
-    raise NotImplementedError(f"no differentiable twin for {type(optimizer).__name__}; supported: {names}. "
-                              "Register one with paddlefsl.metaopt.optim.register_twin")
+    raise TypeError(f"no differentiable twin for {type(optimizer).__name__}; supported: {names}. "
+                    "Register one with paddlefsl.metaopt.optim.register_twin")
