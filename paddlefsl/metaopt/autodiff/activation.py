@@ -15,6 +15,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from paddlefsl.metaopt.autodiff.common import pointwise
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
 
 stock(["tanh", "sigmoid", "leaky_relu", "elu", "celu", "silu", "softplus", "exp"],
@@ -100,27 +101,6 @@ def gelu(x, approximate=False, name=None, out=None, **kwargs):
     return _Gelu.apply(x, approximate)
 
 
-class _Pointwise(PyLayer):
-    """y = kernel(x, *attrs) elementwise; backward is grad * deriv(x), written in differentiable Paddle ops."""
-
-    @staticmethod
-    def forward(ctx, x, name, attrs, deriv):
-        ctx.save_for_backward(x)
-        ctx.deriv = deriv
-        return original(name)(x, *attrs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensor()
-        return grad * ctx.deriv(x)
-
-
-def _pointwise(name: str, x: paddle.Tensor, attrs: tuple, deriv) -> paddle.Tensor:
-    if x.stop_gradient or not paddle.is_grad_enabled():
-        return original(name)(x, *attrs)
-    return _Pointwise.apply(x, name, attrs, deriv)
-
-
 def _f32(value: float) -> float:
     """A float attribute as Paddle's kernel sees it (float32)."""
     return float(np.float32(value))
@@ -136,7 +116,7 @@ def _band(x: paddle.Tensor, low: float, high: float) -> paddle.Tensor:
 @exact("erf", "activation")
 def erf(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.erf`` (same signature)."""
-    return _pointwise("erf", x, (), lambda t: (2.0 / math.sqrt(math.pi)) * paddle.exp(-t * t))
+    return pointwise("erf", x, (), lambda t: (2.0 / math.sqrt(math.pi)) * paddle.exp(-t * t))
 
 
 @exact("swish", "activation", "x * sigmoid(x)")
@@ -146,19 +126,19 @@ def swish(x, out=None, **kwargs):
         s = F.sigmoid(t)
         return s + t * s * (1.0 - s)
 
-    return _pointwise("swish", x, (), deriv)
+    return pointwise("swish", x, (), deriv)
 
 
 @exact("logsigmoid", "activation")
 def logsigmoid(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.logsigmoid`` (same signature)."""
-    return _pointwise("logsigmoid", x, (), lambda t: F.sigmoid(-t))
+    return pointwise("logsigmoid", x, (), lambda t: F.sigmoid(-t))
 
 
 @exact("tanh_shrink", "activation")
 def tanh_shrink(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.tanh_shrink`` (same signature)."""
-    return _pointwise("tanh_shrink", x, (), lambda t: paddle.tanh(t) ** 2)
+    return pointwise("tanh_shrink", x, (), lambda t: paddle.tanh(t) ** 2)
 
 
 @exact("mish", "activation", "x * tanh(softplus(x)), softplus linear above the threshold as in Paddle")
@@ -168,7 +148,7 @@ def mish(x, threshold=20.0, out=None, **kwargs):
         th = paddle.tanh(F.softplus(t, beta=1.0, threshold=threshold))
         return th + t * (1.0 - th * th) * F.sigmoid(t)
 
-    return _pointwise("mish", x, (threshold,), deriv)
+    return pointwise("mish", x, (threshold,), deriv)
 
 
 @exact("selu", "activation")
@@ -184,25 +164,25 @@ def selu(x, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848
         neg_part = k * (paddle.exp(paddle.minimum(t, paddle.zeros([], t.dtype))) - 1.0) + c
         return pos * _f32(scale) + (1.0 - pos) * neg_part
 
-    return _pointwise("selu", x, (scale, alpha), deriv)
+    return pointwise("selu", x, (scale, alpha), deriv)
 
 
 @exact("relu", "activation", "stock is exact at second order but raises at third (relu_double_grad)")
 def relu(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.relu`` (same signature), differentiable at every order."""
-    return _pointwise("relu", x, (), lambda t: _band(t, 0.0, float("inf")))
+    return pointwise("relu", x, (), lambda t: _band(t, 0.0, float("inf")))
 
 
 @exact("relu6", "activation", "piecewise linear")
 def relu6(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.relu6`` (same signature)."""
-    return _pointwise("relu6", x, (), lambda t: _band(t, 0.0, 6.0))
+    return pointwise("relu6", x, (), lambda t: _band(t, 0.0, 6.0))
 
 
 @exact("hardtanh", "activation", "piecewise linear")
 def hardtanh(x, t_min=-1.0, t_max=1.0, out=None, **kwargs):
     """Exact ``paddle._C_ops.hardtanh`` (same signature)."""
-    return _pointwise("hardtanh", x, (t_min, t_max), lambda t: _band(t, t_min, t_max))
+    return pointwise("hardtanh", x, (t_min, t_max), lambda t: _band(t, t_min, t_max))
 
 
 @exact("hardsigmoid", "activation", "piecewise linear")
@@ -214,7 +194,7 @@ def hardsigmoid(x, slope=0.1666667, offset=0.5, out=None, **kwargs):
         lo, hi = sorted(((0.0 - offset32) / slope32, (1.0 - offset32) / slope32))
         return slope32 * _band(t, lo, hi)
 
-    return _pointwise("hardsigmoid", x, (slope, offset), deriv)
+    return pointwise("hardsigmoid", x, (slope, offset), deriv)
 
 
 @exact("hardswish", "activation", "x * relu6(x + 3) / 6")
@@ -225,4 +205,4 @@ def hardswish(x, out=None, **kwargs):
         high = original("cast")(original("greater_equal")(t, paddle.full([], 3.0, t.dtype)), t.dtype)
         return middle * (2.0 * t + 3.0) / 6.0 + high
 
-    return _pointwise("hardswish", x, (), deriv)
+    return pointwise("hardswish", x, (), deriv)

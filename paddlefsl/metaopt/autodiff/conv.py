@@ -19,19 +19,9 @@ import paddle
 import paddle.nn.functional as F
 
 from paddlefsl.metaopt.autodiff.registry import exact, original
-from paddlefsl.metaopt.autodiff.slots import apply_rule
+from paddlefsl.metaopt.autodiff.common import apply_rule, channel_last, ints, to_channel_first, to_channel_last
 
 FAMILY = "conv"
-
-
-def _ints(values, n: int) -> list[int]:
-    """Turn an int or a sequence of ints (or 0-d tensors) into a list of ``n`` Python ints."""
-    if isinstance(values, (int, float)):
-        return [int(values)] * n
-    out = [int(v) for v in values]
-    if len(out) == 1 and n > 1:
-        out = out * n
-    return out
 
 
 def resolve_padding(padding, algorithm: str, in_sizes: Sequence[int], kernel: Sequence[int],
@@ -65,26 +55,12 @@ def resolve_padding(padding, algorithm: str, in_sizes: Sequence[int], kernel: Se
         return pads, [1] * nd
     if algorithm == "VALID":
         return [0] * (2 * nd), dilation
-    flat = _ints(padding, nd)
+    flat = ints(padding, nd)
     if len(flat) == nd:
         flat = [p for p in flat for _ in range(2)]
     if len(flat) != 2 * nd:
         raise ValueError(f"cannot read padding {padding!r} for {nd} spatial axes")
     return flat, dilation
-
-
-def _channel_last(data_format: str) -> bool:
-    return str(data_format).upper().endswith("C")
-
-
-def _to_channel_first(t: paddle.Tensor) -> paddle.Tensor:
-    nd = t.ndim - 2
-    return paddle.transpose(t, [0, nd + 1] + list(range(1, nd + 1)))
-
-
-def _to_channel_last(t: paddle.Tensor) -> paddle.Tensor:
-    nd = t.ndim - 2
-    return paddle.transpose(t, [0] + list(range(2, nd + 2)) + [1])
 
 
 @dataclass(frozen=True)
@@ -174,16 +150,16 @@ def bilinear(x: paddle.Tensor, w: paddle.Tensor, run: Callable, grad_x: Callable
 
 def _conv_grads(geo: ConvGeometry, channel_last: bool, transposed: bool):
     def grad_x(gy, w, x_shape):
-        g = _to_channel_first(gy) if channel_last else gy
+        g = to_channel_first(gy) if channel_last else gy
         if transposed:
             out = conv_cf(g, w, geo)
         else:
             sizes = x_shape[1:-1] if channel_last else x_shape[2:]
             out = conv_transpose_cf(g, w, geo, sizes)
-        return _to_channel_last(out) if channel_last else out
+        return to_channel_last(out) if channel_last else out
 
     def grad_w(x, gy, kernel):
-        xc, g = (_to_channel_first(x), _to_channel_first(gy)) if channel_last else (x, gy)
+        xc, g = (to_channel_first(x), to_channel_first(gy)) if channel_last else (x, gy)
         return conv_weight_grad(g, xc, kernel, geo) if transposed else conv_weight_grad(xc, g, kernel, geo)
 
     return grad_x, grad_w
@@ -201,11 +177,11 @@ def _spatial(x: paddle.Tensor, channel_last: bool) -> list[int]:
 
 def _apply_conv(name: str, x, w, strides, paddings, padding_algorithm, dilations, groups, data_format,
                 extra: tuple, kwargs: dict) -> paddle.Tensor:
-    last = _channel_last(data_format)
+    last = channel_last(data_format)
     nd = x.ndim - 2
-    stride = _ints(strides, nd)
+    stride = ints(strides, nd)
     pads, dil = resolve_padding(paddings, padding_algorithm, _spatial(x, last), list(w.shape[2:]), stride,
-                                _ints(dilations, nd))
+                                ints(dilations, nd))
     geo = ConvGeometry(tuple(stride), tuple(pads), tuple(dil), int(groups))
     kernel = original(name)
     if name in ("conv2d",):
@@ -219,11 +195,11 @@ def _apply_conv(name: str, x, w, strides, paddings, padding_algorithm, dilations
 
 def _apply_conv_transpose(name: str, x, w, strides, paddings, output_padding, output_size, padding_algorithm,
                           groups, dilations, data_format, extra: tuple, kwargs: dict) -> paddle.Tensor:
-    last = _channel_last(data_format)
+    last = channel_last(data_format)
     nd = x.ndim - 2
-    stride = _ints(strides, nd)
+    stride = ints(strides, nd)
     pads, dil = resolve_padding(paddings, padding_algorithm, _spatial(x, last), list(w.shape[2:]), stride,
-                                _ints(dilations, nd))
+                                ints(dilations, nd))
     geo = ConvGeometry(tuple(stride), tuple(pads), tuple(dil), int(groups))
     kernel = original(name)
     run = lambda a, b: kernel(a, b, strides, paddings, output_padding, output_size, padding_algorithm, groups,

@@ -18,35 +18,11 @@ from typing import Callable, Sequence
 import paddle
 from paddle.autograd import PyLayer
 
+from paddlefsl.metaopt.autodiff.common import channel_last, ints, to_channel_first, to_channel_last
 from paddlefsl.metaopt.autodiff.conv import resolve_padding
 from paddlefsl.metaopt.autodiff.registry import exact, original
 
 FAMILY = "pool"
-
-
-def _ints(values, n: int) -> list[int]:
-    if isinstance(values, paddle.Tensor):
-        values = values.tolist()
-    if isinstance(values, (int, float)):
-        return [int(values)] * n
-    out = [int(v) for v in values]
-    if len(out) == 1 and n > 1:
-        out = out * n
-    return out
-
-
-def _channel_last(data_format: str) -> bool:
-    return str(data_format).upper().endswith("C")
-
-
-def _to_channel_first(t: paddle.Tensor) -> paddle.Tensor:
-    nd = t.ndim - 2
-    return paddle.transpose(t, [0, nd + 1] + list(range(1, nd + 1)))
-
-
-def _to_channel_last(t: paddle.Tensor) -> paddle.Tensor:
-    nd = t.ndim - 2
-    return paddle.transpose(t, [0] + list(range(2, nd + 2)) + [1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,12 +206,12 @@ def _pool(name: str, x, kernel_size, strides, paddings, ceil_mode, exclusive, da
         return original(name)(x, *args, **kwargs)
     if pooling_type != "max":
         return _avg_pool(name, x, args, kwargs)
-    last = _channel_last(data_format)
+    last = channel_last(data_format)
     nd = x.ndim - 2
-    xc = _to_channel_first(x) if last else x
+    xc = to_channel_first(x) if last else x
     spatial = list(xc.shape[2:])
-    kernel = spatial if global_pooling else _ints(kernel_size, nd)
-    stride = _ints(strides, nd)
+    kernel = spatial if global_pooling else ints(kernel_size, nd)
+    stride = ints(strides, nd)
     if global_pooling or adaptive:
         pads = [0] * (2 * nd)
     else:
@@ -248,7 +224,7 @@ def _pool(name: str, x, kernel_size, strides, paddings, ceil_mode, exclusive, da
                          adaptive, padding_algorithm, *extra, **kwargs)
 
     y = _max_pool_cf(xc, value, kernel, stride, pads, ceil_mode, adaptive and not global_pooling)
-    return _to_channel_last(y) if last else y
+    return to_channel_last(y) if last else y
 
 
 @exact("pool2d", FAMILY, "avg: linear map and adjoint; max: scatter to argmax")

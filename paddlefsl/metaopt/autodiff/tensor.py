@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import paddle
 from paddle.autograd import PyLayer
 
-from paddlefsl.metaopt.autodiff.slots import apply_rule
+from paddlefsl.metaopt.autodiff.common import apply_rule, pointwise
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
 
 stock(["add", "subtract", "multiply", "divide", "scale", "pow", "square", "sqrt", "log", "abs", "maximum",
@@ -417,49 +417,28 @@ def einsum(x, equation, out=None, **kwargs):
     return result, [], []
 
 
-class _Pointwise(PyLayer):
-    """y = kernel(x, *attrs) elementwise; backward is grad * deriv(x), in differentiable Paddle ops."""
-
-    @staticmethod
-    def forward(ctx, x, name, attrs, deriv):
-        ctx.save_for_backward(x)
-        ctx.deriv = deriv
-        return original(name)(x, *attrs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensor()
-        return grad * ctx.deriv(x)
-
-
-def _pointwise(name: str, x: paddle.Tensor, attrs: tuple, deriv: Callable) -> paddle.Tensor:
-    if x.stop_gradient or not paddle.is_grad_enabled():
-        return original(name)(x, *attrs)
-    return _Pointwise.apply(x, name, attrs, deriv)
-
-
 @exact("log1p", "tensor")
 def log1p(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.log1p`` (same signature)."""
-    return _pointwise("log1p", x, (), lambda t: paddle.reciprocal(1.0 + t))
+    return pointwise("log1p", x, (), lambda t: paddle.reciprocal(1.0 + t))
 
 
 @exact("expm1", "tensor")
 def expm1(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.expm1`` (same signature)."""
-    return _pointwise("expm1", x, (), paddle.exp)
+    return pointwise("expm1", x, (), paddle.exp)
 
 
 @exact("floor", "tensor", "zero gradient")
 def floor(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.floor`` (same signature)."""
-    return _pointwise("floor", x, (), paddle.zeros_like)
+    return pointwise("floor", x, (), paddle.zeros_like)
 
 
 @exact("round", "tensor", "zero gradient")
 def round(x, decimals=0, out=None, **kwargs):
     """Exact ``paddle._C_ops.round`` (same signature)."""
-    return _pointwise("round", x, (decimals,), paddle.zeros_like)
+    return pointwise("round", x, (decimals,), paddle.zeros_like)
 
 
 @exact("atan2", "tensor")

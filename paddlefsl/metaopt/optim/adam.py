@@ -43,6 +43,15 @@ def adam_direction(grad: paddle.Tensor, state: dict[str, Any], param: paddle.Ten
     return new, new_state
 
 
+def adam_state(param: paddle.Tensor, hyper: Hyper) -> dict[str, Any]:
+    """The initial Adam/AdamW state of one parameter (moments, bias-correction powers, AMSGrad maximum)."""
+    state = {"moment1": paddle.zeros_like(param), "moment2": paddle.zeros_like(param),
+             "beta1_pow": None, "beta2_pow": None}
+    if hyper.get("amsgrad"):
+        state["moment2_max"] = paddle.zeros_like(param)
+    return state
+
+
 class AdamTwin(OptimizerTwin):
     """Twin of ``paddle.optimizer.Adam``: regularizers are added to the gradient, then Paddle's ``adam`` kernel."""
 
@@ -56,11 +65,7 @@ class AdamTwin(OptimizerTwin):
         return hyper
 
     def init_one(self, param: paddle.Tensor, hyper: Hyper) -> dict[str, Any]:
-        state = {"moment1": paddle.zeros_like(param), "moment2": paddle.zeros_like(param),
-                 "beta1_pow": None, "beta2_pow": None}
-        if hyper.get("amsgrad"):
-            state["moment2_max"] = paddle.zeros_like(param)
-        return state
+        return adam_state(param, hyper)
 
     def update_one(self, grad, state, param, hyper):
         grad = regularize(grad, param, hyper)

@@ -5,7 +5,7 @@ from typing import Any
 
 import paddle
 
-from paddlefsl.metaopt.optim.adam import adam_direction
+from paddlefsl.metaopt.optim.adam import adam_direction, adam_state
 from paddlefsl.metaopt.optim.base import Hyper, OptimizerTwin, as_dtype_of, as_float32
 
 __all__ = ["AdamWTwin"]
@@ -46,11 +46,7 @@ class AdamWTwin(OptimizerTwin):
         """The decoupled decay needs no regularizer kind."""
 
     def init_one(self, param: paddle.Tensor, hyper: Hyper) -> dict[str, Any]:
-        state = {"moment1": paddle.zeros_like(param), "moment2": paddle.zeros_like(param),
-                 "beta1_pow": None, "beta2_pow": None}
-        if hyper.get("amsgrad"):
-            state["moment2_max"] = paddle.zeros_like(param)
-        return state
+        return adam_state(param, hyper)
 
     def update_one(self, grad, state, param, hyper):
         lr = self.lr(param, hyper)

@@ -1,0 +1,108 @@
+"""Building blocks shared by the op rules: multi-input rules, elementwise rules and layout helpers.
+
+Multi-input rules use one single-input PyLayer per differentiable input. Paddle prunes the input slots of a
+PyLayer that do not lead to the tensors asked for in ``paddle.grad`` and then refuses a gradient for them, so a
+multi-input PyLayer breaks ``paddle.grad(loss, [x])`` when another input also needs a gradient. :func:`apply_rule`
+therefore gives each input that needs a gradient its own single-input PyLayer whose backward closes over the other
+(live, differentiable) inputs, so cross derivatives are kept at every order.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import paddle
+from paddle.autograd import PyLayer
+
+from paddlefsl.metaopt.autodiff.registry import original
+
+Tensor = paddle.Tensor
+
+__all__ = ["apply_rule", "pointwise", "ints", "channel_last", "to_channel_first", "to_channel_last"]
+
+
+class _Slot(PyLayer):
+    """One differentiable input of a rule: forward returns ``value()``, backward returns ``grad(*gys)``."""
+
+    @staticmethod
+    def forward(ctx, t, value: Callable, grad: Callable):
+        ctx.grad = grad
+        return value()
+
+    @staticmethod
+    def backward(ctx, *gys):
+        return ctx.grad(*gys)
+
+
+def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
+               grads: Sequence[Callable[..., Tensor]]) -> Any:
+    """Evaluate ``run()`` (Paddle's own kernel) with exact gradients for every input that needs one.
+
+    Args:
+        inputs: the rule's inputs (``None`` or tensors; those with ``stop_gradient=True`` get no gradient).
+        run: computes the outputs (one tensor or a tuple of tensors), called once.
+        grads: ``grads[i](*output_grads)`` returns the gradient for ``inputs[i]`` in differentiable public ops,
+            closing over the live inputs (so higher-order and cross derivatives are kept).
+
+    Returns:
+        ``run()``'s outputs, carrying the gradient rules.
+    """
+    needed = [i for i, t in enumerate(inputs) if t is not None and not t.stop_gradient]
+    if not paddle.is_grad_enabled() or not needed:
+        return run()
+    out = _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
+    for i in needed[1:]:
+        multi = isinstance(out, (tuple, list))
+        zeros = (lambda o=out: tuple(paddle.zeros_like(t) for t in o)) if multi else \
+            (lambda o=out: paddle.zeros_like(o))
+        extra = _Slot.apply(inputs[i], zeros, grads[i])
+        out = tuple(a + b for a, b in zip(out, extra)) if multi else out + extra
+    return out
+
+
+class _Pointwise(PyLayer):
+    """y = kernel(x, *attrs) elementwise; backward is grad * deriv(x), written in differentiable Paddle ops."""
+
+    @staticmethod
+    def forward(ctx, x, name, attrs, deriv):
+        ctx.save_for_backward(x)
+        ctx.deriv = deriv
+        return original(name)(x, *attrs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensor()
+        return grad * ctx.deriv(x)
+
+
+def pointwise(name: str, x: paddle.Tensor, attrs: tuple, deriv: Callable) -> paddle.Tensor:
+    """Elementwise kernel ``name`` with gradient ``grad * deriv(x)`` (``deriv`` in differentiable ops)."""
+    if x.stop_gradient or not paddle.is_grad_enabled():
+        return original(name)(x, *attrs)
+    return _Pointwise.apply(x, name, attrs, deriv)
+
+
+def ints(values, n: int) -> list[int]:
+    """Turn an int or a sequence of ints (or 0-d tensors) into a list of ``n`` Python ints."""
+    if isinstance(values, (int, float)):
+        return [int(values)] * n
+    out = [int(v) for v in values]
+    if len(out) == 1 and n > 1:
+        out = out * n
+    return out
+
+
+def channel_last(data_format: str) -> bool:
+    """True for channel-last layouts (NHWC, NLC, NDHWC)."""
+    return str(data_format).upper().endswith("C")
+
+
+def to_channel_first(t: paddle.Tensor) -> paddle.Tensor:
+    """Move the channel axis from last to second."""
+    nd = t.ndim - 2
+    return paddle.transpose(t, [0, nd + 1] + list(range(1, nd + 1)))
+
+
+def to_channel_last(t: paddle.Tensor) -> paddle.Tensor:
+    """Move the channel axis from second to last."""
+    nd = t.ndim - 2
+    return paddle.transpose(t, [0] + list(range(2, nd + 2)) + [1])
