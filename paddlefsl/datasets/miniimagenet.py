@@ -7,9 +7,9 @@ import pickle
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import paddle
 
 from .errors import CorruptDatasetError, DatasetNotFoundError
+from .labelled import LabelledImages
 
 __all__ = ["MiniImageNet", "IMAGENET_MEAN", "IMAGENET_STD", "NormalizedImages"]
 
@@ -68,7 +68,7 @@ class NormalizedImages:
         return arr if dtype is None else arr.astype(dtype)
 
 
-class MiniImageNet(paddle.io.Dataset):
+class MiniImageNet(LabelledImages):
     """miniImageNet (64/16/20 classes for train/val/test in the standard split).
 
     Two on-disk layouts are accepted (checked in this order):
@@ -160,17 +160,3 @@ class MiniImageNet(paddle.io.Dataset):
                 return np.asarray(img.convert("RGB"))
 
         return len(files), load
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, idx: int) -> Tuple[Any, np.int64]:
-        image = self.images[int(idx)]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[int(idx)]

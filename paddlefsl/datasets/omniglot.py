@@ -7,11 +7,11 @@ import zipfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import paddle
 
 from ._imagecache import decode_zip_images, default_cache_dir
 from .download import download_file, verify_file
 from .errors import CorruptDatasetError, DatasetNotFoundError
+from .labelled import LabelledImages
 
 __all__ = ["Omniglot", "OmniglotOneShotRuns", "evaluate_one_shot_runs", "RotatedImages", "OMNIGLOT_FILES"]
 
@@ -119,7 +119,7 @@ def _characters(names: Sequence[str]) -> Tuple[List[Tuple[str, str]], np.ndarray
     return chars, np.array([lookup[k] for k in keys], dtype=np.int64)
 
 
-class Omniglot(paddle.io.Dataset):
+class Omniglot(LabelledImages):
     """Omniglot characters as classes, decoded once and cached as ``.npy``.
 
     Splits:
@@ -225,20 +225,6 @@ class Omniglot(paddle.io.Dataset):
             return pool
         held = set(np.random.default_rng(seed + 1).permutation(pool)[:val_classes].tolist())
         return sorted(c for c in pool if (c in held) == (mode == "val"))
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (characters, times 4 when rotated)."""
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, idx: int) -> Tuple[Any, np.int64]:
-        image = self.images[int(idx)]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[int(idx)]
 
 
 class OmniglotOneShotRuns:
