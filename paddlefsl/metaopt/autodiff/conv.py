@@ -175,14 +175,20 @@ def _spatial(x: paddle.Tensor, channel_last: bool) -> list[int]:
     return list(x.shape[1:-1]) if channel_last else list(x.shape[2:])
 
 
-def _apply_conv(name: str, x, w, strides, paddings, padding_algorithm, dilations, groups, data_format,
-                extra: tuple, kwargs: dict) -> paddle.Tensor:
+def _geometry(x, w, strides, paddings, padding_algorithm, dilations, groups, data_format) -> tuple[ConvGeometry,
+                                                                                                bool]:
+    """The channel-first geometry of a (transposed) convolution, and whether its layout is channel-last."""
     last = channel_last(data_format)
     nd = x.ndim - 2
     stride = ints(strides, nd)
     pads, dil = resolve_padding(paddings, padding_algorithm, _spatial(x, last), list(w.shape[2:]), stride,
                                 ints(dilations, nd))
-    geo = ConvGeometry(tuple(stride), tuple(pads), tuple(dil), int(groups))
+    return ConvGeometry(tuple(stride), tuple(pads), tuple(dil), int(groups)), last
+
+
+def _apply_conv(name: str, x, w, strides, paddings, padding_algorithm, dilations, groups, data_format,
+                extra: tuple, kwargs: dict) -> paddle.Tensor:
+    geo, last = _geometry(x, w, strides, paddings, padding_algorithm, dilations, groups, data_format)
     kernel = original(name)
     if name in ("conv2d",):
         run = lambda a, b: kernel(a, b, strides, paddings, padding_algorithm, dilations, groups, data_format,
@@ -195,12 +201,7 @@ def _apply_conv(name: str, x, w, strides, paddings, padding_algorithm, dilations
 
 def _apply_conv_transpose(name: str, x, w, strides, paddings, output_padding, output_size, padding_algorithm,
                           groups, dilations, data_format, extra: tuple, kwargs: dict) -> paddle.Tensor:
-    last = channel_last(data_format)
-    nd = x.ndim - 2
-    stride = ints(strides, nd)
-    pads, dil = resolve_padding(paddings, padding_algorithm, _spatial(x, last), list(w.shape[2:]), stride,
-                                ints(dilations, nd))
-    geo = ConvGeometry(tuple(stride), tuple(pads), tuple(dil), int(groups))
+    geo, last = _geometry(x, w, strides, paddings, padding_algorithm, dilations, groups, data_format)
     kernel = original(name)
     run = lambda a, b: kernel(a, b, strides, paddings, output_padding, output_size, padding_algorithm, groups,
                               dilations, data_format, *extra, **kwargs)
