@@ -13,7 +13,7 @@ from paddlefsl.metaopt.functional import ParameterSlots, clone_model
 
 BATCH_NORM_MODES = ("batch", "running", "shared")
 
-__all__ = ["BaseLearner", "BATCH_NORM_MODES", "check_inner_lr", "check_scalar_loss"]
+__all__ = ["BaseLearner", "BATCH_NORM_MODES", "batch_norms", "check_inner_lr", "check_scalar_loss"]
 
 
 def check_inner_lr(inner_lr: object) -> float:
@@ -39,15 +39,16 @@ def check_scalar_loss(loss: object, where: str) -> None:
         raise ValueError(f"{where}: loss is not connected to any parameter (stop_gradient=True)")
 
 
+def batch_norms(layer: nn.Layer) -> list[nn.Layer]:
+    """The batch-norm sublayers of ``layer`` in ``named_sublayers`` order."""
+    return [sub for _, sub in layer.named_sublayers(include_self=True)
+            if isinstance(sub, (nn.layer.norm._BatchNormBase, nn.BatchNorm))]
+
+
 def _running_statistics(layer: nn.Layer) -> set[int]:
     """Ids of the running-statistics tensors Paddle stores as frozen parameters of batch-norm layers."""
-    ids = set()
-    for _, sub in layer.named_sublayers(include_self=True):
-        if isinstance(sub, (nn.layer.norm._BatchNormBase, nn.BatchNorm)):
-            for key in ("_mean", "_variance"):
-                if sub._parameters.get(key) is not None:
-                    ids.add(id(sub._parameters[key]))
-    return ids
+    return {id(sub._parameters[key]) for sub in batch_norms(layer) for key in ("_mean", "_variance")
+            if sub._parameters.get(key) is not None}
 
 
 class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
@@ -195,9 +196,8 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
     def _clone_layer(self, layer: nn.Layer) -> nn.Layer:
         cloned = clone_model(layer, share_stats=self.batch_norm == "shared")
         if self.batch_norm == "running":
-            for _, sub in cloned.named_sublayers(include_self=True):
-                if isinstance(sub, (nn.layer.norm._BatchNormBase, nn.BatchNorm)):
-                    sub._use_global_stats = True
+            for sub in batch_norms(cloned):
+                sub._use_global_stats = True
         scope.track_layers(cloned)
         return cloned
 

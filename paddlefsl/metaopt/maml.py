@@ -13,18 +13,12 @@ from typing import Any, Iterator
 import paddle
 from paddle import nn
 
-from paddlefsl.metaopt.base import BaseLearner, check_inner_lr
+from paddlefsl.metaopt.base import BaseLearner, batch_norms, check_inner_lr
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model
 
 __all__ = ["LEARN_INNER_LR_MODES", "MAML", "PerStepBatchNorm"]
 
 LEARN_INNER_LR_MODES = (None, "per_layer", "per_step_per_layer")
-
-
-def _batch_norms(layer: nn.Layer) -> list[nn.Layer]:
-    """The batch-norm sublayers of ``layer`` in ``named_sublayers`` order."""
-    return [sub for _, sub in layer.named_sublayers(include_self=True)
-            if isinstance(sub, (nn.layer.norm._BatchNormBase, nn.BatchNorm))]
 
 
 def _flag(value: object, argument: str) -> bool:
@@ -198,7 +192,7 @@ class MAML(BaseLearner):
         self._iteration = 0
         self._step_index = 0
         if per_step_bn_stats or per_step_bn_weights:
-            norms = _batch_norms(model)
+            norms = batch_norms(model)
             if not norms:
                 raise ValueError("per_step_bn_stats / per_step_bn_weights need batch-norm layers, and the model "
                                  "has none")
@@ -323,7 +317,7 @@ class MAML(BaseLearner):
         if steps is None:
             yield
             return
-        norms = _batch_norms(self.model)
+        norms = batch_norms(self.model)
         swapped = []
         try:
             for norm, state in zip(norms, steps):
