@@ -1,11 +1,11 @@
 """Convolutions: exact rules for the 2-D and 3-D convolution kernels and their transposes.
 
 A convolution ``y = conv(x, w)`` is bilinear. Its gradient with respect to ``x`` is the transposed convolution of
-the output gradient with ``w``, and its gradient with respect to ``w`` is a convolution of ``x`` with the output
-gradient (stride and dilation swapped, batch and channel axes exchanged). The transposed convolution is the
-adjoint of the convolution, so its gradients are the same two maps the other way round. Every backward below is
-written with the public ``paddle.nn.functional`` convolutions, which inside the exact scope route back to these
-rules: conv and conv_transpose differentiate each other, and every order is exact.
+the output gradient with ``w``; its gradient with respect to ``w`` is Paddle's fused weight-gradient kernel, itself
+bilinear in ``(x, gy)`` with gradients that are again a convolution and a transposed convolution. The transposed
+convolution is the adjoint of the convolution, so its gradients are the same maps the other way round. Every
+backward is written with the public ``paddle.nn.functional`` convolutions, which inside the exact scope route back
+to these rules, so every order is exact.
 
 ``nn.Conv1D`` and ``F.conv1d`` reach ``conv2d`` (or ``depthwise_conv2d``) on an unsqueezed input; ``conv1d_transpose``
 reaches ``conv2d_transpose``; the bias is added by the stock ``add`` kernel.
@@ -105,11 +105,11 @@ def conv_transpose_cf(x: paddle.Tensor, w: paddle.Tensor, geo: ConvGeometry,
 
 
 def conv_weight_grad(x: paddle.Tensor, gy: paddle.Tensor, kernel: Sequence[int], geo: ConvGeometry) -> paddle.Tensor:
-    """Gradient of ``<conv(x, w), gy>`` with respect to ``w`` (channel-first), as a differentiable convolution.
+    """Gradient of ``<conv(x, w), gy>`` with respect to ``w`` (channel-first), exact at every order.
 
-    ``gw[o, i, k] = sum_{n, p} gy[n, o, p] * x_padded[n, g(o) * C/G + i, p * stride + k * dilation]``: a grouped
-    convolution whose batch is the per-group input channel axis, whose input channels are (group, batch) pairs and
-    whose filters are the output gradients, with stride and dilation exchanged.
+    The value is Paddle's own fused weight-gradient kernel (``conv2d_grad``/``conv3d_grad``). The map is bilinear
+    in ``(x, gy)`` with ``<gw(x, gy), G> = <conv(x, G), gy>``, so its gradients are standard convolutions with
+    weight ``G``: ``conv_transpose(gy, G)`` for ``x`` and ``conv(x, G)`` for ``gy``.
 
     Args:
         x: the convolution input, ``[N, C, *spatial]``.
@@ -120,16 +120,20 @@ def conv_weight_grad(x: paddle.Tensor, gy: paddle.Tensor, kernel: Sequence[int],
     Returns:
         The weight gradient, ``[O, C / groups, *kernel]``.
     """
-    nd, g = geo.nd, geo.groups
-    n, c = x.shape[0], x.shape[1]
-    spatial = list(x.shape[2:])
-    xs = x.reshape([n, g, c // g] + spatial)
-    xs = paddle.transpose(xs, [2, 1, 0] + list(range(3, nd + 3))).reshape([c // g, g * n] + spatial)
-    filters = paddle.transpose(gy, [1, 0] + list(range(2, nd + 2)))
-    swapped = ConvGeometry(geo.dilation, geo.pads, geo.stride, g)
-    out = conv_cf(xs, filters, swapped)
-    out = out[(slice(None), slice(None)) + tuple(slice(0, int(k)) for k in kernel)]
-    return paddle.transpose(out, [1, 0] + list(range(2, nd + 2)))
+    w_shape = [gy.shape[1], x.shape[1] // geo.groups] + [int(k) for k in kernel]
+    stride, pads, dilation = list(geo.stride), list(geo.pads), list(geo.dilation)
+    fmt = _cf_format(geo.nd)
+
+    def run():
+        zero = paddle.zeros(w_shape, dtype=x.dtype)
+        if geo.nd == 2:
+            grads = original("conv2d_grad")(x, zero, gy, stride, pads, "EXPLICIT", dilation, geo.groups, fmt)
+        else:
+            grads = original("conv3d_grad")(x, zero, gy, stride, pads, "EXPLICIT", geo.groups, dilation, fmt)
+        return grads[1]
+
+    sizes = list(x.shape[2:])
+    return apply_rule([x, gy], run, [lambda g: conv_transpose_cf(gy, g, geo, sizes), lambda g: conv_cf(x, g, geo)])
 
 
 def bilinear(x: paddle.Tensor, w: paddle.Tensor, run: Callable, grad_x: Callable, grad_w: Callable) -> paddle.Tensor:
@@ -208,14 +212,14 @@ def _apply_conv_transpose(name: str, x, w, strides, paddings, output_padding, ou
     return _apply_bilinear(x, w, run, geo, last, transposed=True)
 
 
-@exact("conv2d", FAMILY, "grad: conv2d_transpose (input), grouped conv2d (weight)")
+@exact("conv2d", FAMILY, "grad: conv2d_transpose (input), fused weight-gradient kernel")
 def conv2d(x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format, *extra, **kwargs):
     """Exact replacement of ``paddle._C_ops.conv2d`` (reached by ``nn.Conv1D``, ``nn.Conv2D``, ``F.conv1d/2d``)."""
     return _apply_conv("conv2d", x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format,
                        extra, kwargs)
 
 
-@exact("depthwise_conv2d", FAMILY, "grad: conv2d_transpose (input), grouped conv2d (weight)")
+@exact("depthwise_conv2d", FAMILY, "grad: conv2d_transpose (input), fused weight-gradient kernel")
 def depthwise_conv2d(x, weight, strides, paddings, padding_algorithm, groups, dilations, data_format, *extra,
                      **kwargs):
     """Exact replacement of ``paddle._C_ops.depthwise_conv2d`` (convs with ``groups == in_channels``)."""
@@ -223,14 +227,14 @@ def depthwise_conv2d(x, weight, strides, paddings, padding_algorithm, groups, di
                        data_format, extra, kwargs)
 
 
-@exact("conv3d", FAMILY, "grad: conv3d_transpose (input), grouped conv3d (weight)")
+@exact("conv3d", FAMILY, "grad: conv3d_transpose (input), fused weight-gradient kernel")
 def conv3d(x, weight, strides, paddings, padding_algorithm, groups, dilations, data_format, *extra, **kwargs):
     """Exact replacement of ``paddle._C_ops.conv3d`` (reached by ``nn.Conv3D`` and ``F.conv3d``)."""
     return _apply_conv("conv3d", x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format,
                        extra, kwargs)
 
 
-@exact("conv2d_transpose", FAMILY, "grad: conv2d (input), grouped conv2d (weight)")
+@exact("conv2d_transpose", FAMILY, "grad: conv2d (input), fused weight-gradient kernel")
 def conv2d_transpose(x, weight, strides, paddings, output_padding, output_size, padding_algorithm, groups,
                      dilations, data_format, *extra, **kwargs):
     """Exact replacement of ``paddle._C_ops.conv2d_transpose`` (``nn.Conv2DTranspose``, ``F.conv1d_transpose``)."""
@@ -238,7 +242,7 @@ def conv2d_transpose(x, weight, strides, paddings, output_padding, output_size, 
                                  padding_algorithm, groups, dilations, data_format, extra, kwargs)
 
 
-@exact("depthwise_conv2d_transpose", FAMILY, "grad: conv2d (input), grouped conv2d (weight)")
+@exact("depthwise_conv2d_transpose", FAMILY, "grad: conv2d (input), fused weight-gradient kernel")
 def depthwise_conv2d_transpose(x, weight, strides, paddings, output_padding, output_size, padding_algorithm,
                                groups, dilations, data_format, *extra, **kwargs):
     """Exact replacement of ``paddle._C_ops.depthwise_conv2d_transpose``."""
@@ -246,7 +250,7 @@ def depthwise_conv2d_transpose(x, weight, strides, paddings, output_padding, out
                                  output_size, padding_algorithm, groups, dilations, data_format, extra, kwargs)
 
 
-@exact("conv3d_transpose", FAMILY, "grad: conv3d (input), grouped conv3d (weight)")
+@exact("conv3d_transpose", FAMILY, "grad: conv3d (input), fused weight-gradient kernel")
 def conv3d_transpose(x, weight, strides, paddings, output_padding, output_size, padding_algorithm, groups,
                      dilations, data_format, *extra, **kwargs):
     """Exact replacement of ``paddle._C_ops.conv3d_transpose`` (``nn.Conv3DTranspose``)."""

@@ -38,6 +38,10 @@ CASES: dict[str, tuple[tuple[str, ...], Callable, list[np.ndarray]]] = {
     # elementwise
     "add": (("add",), lambda x, y: (paddle.add(x, y) ** 3).sum(), [_r(2, 3), _r(2, 3)]),
     "add_broadcast": (("add",), lambda x, y: (paddle.add(x, y) ** 3).sum(), [_r(2, 3), _r(3)]),
+    "add_channel": (("add",), lambda x, y: (paddle.add(x, y) ** 3).sum(), [_r(2, 3, 2, 2), _r(1, 3, 1, 1)]),
+    "multiply_channel_first": (("multiply",), lambda x, y: (paddle.multiply(y, x) ** 3).sum(),
+                               [_r(2, 3, 2, 2), _r(1, 3, 1, 2)]),
+    "divide_channel": (("divide",), lambda x, y: paddle.tanh(paddle.divide(x, y)).sum(), [_r(2, 3, 2), _pos(1, 3, 1)]),
     "subtract": (("subtract",), lambda x, y: (paddle.subtract(x, y) ** 3).sum(), [_r(2, 3), _r(3)]),
     "multiply": (("multiply",), lambda x, y: (paddle.multiply(x, y) ** 3).sum(), [_r(2, 3), _r(2, 1)]),
     "divide": (("divide",), lambda x, y: paddle.tanh(paddle.divide(x, y)).sum(), [_r(2, 3), _pos(3)]),
