@@ -17,6 +17,7 @@ Inputs are differentiated one PyLayer each (:func:`~paddlefsl.metaopt.autodiff.c
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import paddle
@@ -37,9 +38,10 @@ def _lean_shape(shape: Sequence[int]) -> list[int]:
 
 
 def _stat(t: Tensor, axes: list[int]) -> Tensor:
-    """Mean of ``t`` over ``axes``, shaped to broadcast against ``t`` (leading 1s dropped)."""
-    m = t.mean(axis=axes, keepdim=True)
-    return m.reshape(_lean_shape(m.shape))
+    """Mean of ``t`` over ``axes`` (as a sum: Paddle's mean gradient is slow), shaped to broadcast against ``t``
+    with leading 1s dropped."""
+    m = t.sum(axis=axes, keepdim=True)
+    return m.reshape(_lean_shape(m.shape)) * (math.prod(m.shape) / math.prod(t.shape))
 
 
 def _standardize(x: Tensor, axes: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
