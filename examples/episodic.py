@@ -45,6 +45,8 @@ def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
     p.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     p.add_argument("--log-every", type=int, default=10, help="iterations between metric records")
+    p.add_argument("--eval-at", type=lambda v: [int(i) for i in v.split(",") if i], default=[],
+                   help="comma-separated iterations at which to also evaluate on the test tasks (a test curve)")
     return p
 
 
@@ -60,6 +62,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--inner-lr and --meta-lr must be positive")
     if not os.path.isdir(args.data_root):
         p.error(f"--data-root {args.data_root!r} is not a folder")
+    if any(i < 1 or i > args.iterations for i in args.eval_at):
+        p.error(f"--eval-at iterations must lie in 1..{args.iterations}, got {args.eval_at}")
     if args.resume and not os.path.exists(os.path.join(args.out, "checkpoint.pkl")):
         p.error(f"--resume: no checkpoint at {os.path.join(args.out, 'checkpoint.pkl')}")
 
@@ -89,6 +93,16 @@ def evaluate(model: nn.Layer, args: argparse.Namespace, images, labels, tasks: i
         _, logits = adapt_and_predict(learner, xs, ys, xq, args.test_inner_steps, first_order=True)
         accuracies.append(float((logits.argmax(axis=1) == yq).astype("float32").mean().item()))
     return mean_confidence_interval(accuracies)
+
+
+def test_record(model: nn.Layer, args: argparse.Namespace, test, extra_eval: Callable[[nn.Layer], dict] | None
+                ) -> dict:
+    """Test accuracy and 95% CI over ``--eval-tasks`` tasks (always the same tasks), plus ``extra_eval``'s keys."""
+    accuracy, ci95 = evaluate(model, args, test.images, test.labels, args.eval_tasks, seed=args.seed + 1000)
+    record = {"test_accuracy": accuracy, "test_ci95": ci95}
+    if extra_eval is not None:
+        record.update(extra_eval(model))
+    return record
 
 
 def run(args: argparse.Namespace, model: nn.Layer, train, test, extra_eval: Callable[[nn.Layer], dict] | None = None
@@ -134,21 +148,30 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test, extra_eval: Call
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
         if iteration % args.log_every == 0 or iteration == args.iterations:
             logger.log(step=iteration, loss=float(loss.item()), accuracy=accuracy)
+        if iteration in args.eval_at and iteration != args.iterations:
+            pause = time.time()
+            record = test_record(model, args, test, extra_eval)
+            logger.log(step=iteration, **record)
+            bar.write(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+            tic += time.time() - pause
         if iteration % args.checkpoint_every == 0 or iteration == args.iterations:
             save_checkpoint(checkpoint, model, optimizer, step=iteration,
                             extra={"sampler": sampler.get_state(), "seconds": seconds + time.time() - tic})
     logger.close()
     seconds += time.time() - tic
     if os.path.getsize(metrics_path):
-        plot_learning_curve(metrics_path, os.path.join(args.out, "learning_curve.png"), keys=["loss", "accuracy"],
-                            smoothing=5, title=f"{args.algorithm} {args.ways}-way {args.shots}-shot")
+        keys = ["loss", "accuracy"] + (["test_accuracy"] if args.eval_at else [])
+        plot_learning_curve(metrics_path, os.path.join(args.out, "learning_curve.png"), keys=keys, smoothing=5,
+                            title=f"{args.algorithm} {args.ways}-way {args.shots}-shot")
 
-    accuracy, ci95 = evaluate(model, args, test.images, test.labels, args.eval_tasks, seed=args.seed + 1000)
-    results = {"test_accuracy": accuracy, "test_ci95": ci95, "iterations": args.iterations,
-               "seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / args.iterations, 3),
-               "config": vars(args)}
-    if extra_eval is not None:
-        results.update(extra_eval(model))
+    final = test_record(model, args, test, extra_eval)
+    results = dict(final)
+    results.update(iterations=args.iterations, seconds=round(seconds, 1),
+                   seconds_per_iteration=round(seconds / args.iterations, 3), config=vars(args))
+    if args.eval_at:
+        results["test_curve"] = [r for r in read_jsonl(metrics_path) if "test_accuracy" in r] + [
+            {"step": args.iterations, **final}]
+    accuracy, ci95 = results["test_accuracy"], results["test_ci95"]
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"test accuracy {100 * accuracy:.2f} +- {100 * ci95:.2f} % over {args.eval_tasks} tasks "
