@@ -25,12 +25,17 @@ def _weights(out: Path) -> dict:
 
 
 def test_short_second_order_run_beats_chance_and_writes_everything(tmp_path):
-    run = _omniglot(tmp_path, "--iterations", "40", "--meta-batch", "8", "--eval-tasks", "60", "--log-every", "5")
+    run = _omniglot(tmp_path, "--iterations", "40", "--meta-batch", "8", "--eval-tasks", "60", "--log-every", "5",
+                    "--eval-at", "20")
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert {"test_accuracy", "test_ci95", "iterations", "seconds", "config"} <= set(results)
     assert results["test_accuracy"] - results["test_ci95"] > 0.4, results  # chance is 0.2
     assert 0 < results["lake_20way_one_shot_error"] < 0.95
+    assert 0 < results["lake_20way_one_shot_error_nearest"] < 0.95
+    curve = results["test_curve"]
+    assert [r["step"] for r in curve] == [20, 40] and curve[1]["test_accuracy"] == results["test_accuracy"]
+    assert all(0 < r["test_ci95"] < r["test_accuracy"] for r in curve)
     assert (tmp_path / "learning_curve.png").stat().st_size > 5000
     keys = set(_weights(tmp_path))
     assert "head.weight" in keys and not any(k.startswith("model.") for k in keys)
@@ -57,6 +62,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, algorit
     (["--iterations", "0"], "--iterations must be at least 1"),
     (["--resume"], "--resume: no checkpoint"),
     (["--algorithm", "reptile"], "invalid choice: 'reptile'"),
+    (["--iterations", "10", "--eval-at", "5,11"], "--eval-at iterations must lie in 1..10"),
 ])
 def test_bad_arguments_get_a_clear_message(tmp_path, args, message):
     run = _omniglot(tmp_path / "new", *args)
