@@ -17,7 +17,7 @@ from paddlefsl.metaopt.autodiff.registry import original
 
 Tensor = paddle.Tensor
 
-__all__ = ["apply_rule", "pointwise", "ints", "channel_last", "to_channel_first", "to_channel_last"]
+__all__ = ["apply_rule", "pointwise", "ints", "lean_shape", "channel_last", "to_channel_first", "to_channel_last"]
 
 
 class _Slot(PyLayer):
@@ -89,6 +89,18 @@ def ints(values, n: int) -> list[int]:
     if len(out) == 1 and n > 1:
         out = out * n
     return out
+
+
+def lean_shape(shape: Sequence[int]) -> list[int]:
+    """``shape`` without its leading 1s (at least one axis kept).
+
+    Paddle's CPU kernels broadcast ``[N, C, H, W]`` against ``[1, C, 1, 1]`` about ten times slower (forward and
+    backward) than against the same values shaped ``[C, 1, 1]``.
+    """
+    shape = list(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def channel_last(data_format: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import paddle
 from paddle.autograd import PyLayer
 
-from paddlefsl.metaopt.autodiff.common import apply_rule, pointwise
+from paddlefsl.metaopt.autodiff.common import apply_rule, lean_shape, pointwise
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
 
 stock(["scale", "pow", "square", "sqrt", "log", "abs", "maximum",
@@ -36,22 +36,10 @@ stock(["matmul", "bmm", "linear"], "linalg", "Paddle's double gradient (transpos
 # ------------------------------------------------------------------------------------------------ arithmetic
 
 
-def _lean(t: paddle.Tensor) -> paddle.Tensor:
-    """``t`` reshaped without its leading size-1 axes (at least one axis is kept)."""
-    shape = list(t.shape)
-    lead = 0
-    while lead < len(shape) - 1 and shape[lead] == 1:
-        lead += 1
-    return original("reshape")(t, shape[lead:]) if lead else t
-
-
 def _binary(name: str) -> Callable:
-    """The stock binary kernel ``name`` with leading size-1 axes of a broadcast operand dropped first.
-
-    Paddle's CPU kernels broadcast ``[N, C, H, W]`` against ``[1, C, 1, 1]`` about ten times slower (forward and
-    backward) than against the same values shaped ``[C, 1, 1]``; conv biases and normalization statistics hit this
-    case. The values and Paddle's own (exact) gradients are unchanged.
-    """
+    """The stock binary kernel ``name``, with the leading size-1 axes of a broadcast operand dropped first
+    (:func:`~paddlefsl.metaopt.autodiff.common.lean_shape`: conv biases and normalization statistics hit Paddle's
+    slow broadcast). The values and Paddle's own (exact) gradients are unchanged."""
     kernel = original(name)
 
     def binary(x, y, *args, **kwargs):
@@ -59,9 +47,9 @@ def _binary(name: str) -> Callable:
             xs, ys = x.shape, y.shape
             if xs != ys and len(xs) == len(ys) and len(xs) > 1:
                 if ys[0] == 1 and xs[0] != 1:
-                    y = _lean(y)
+                    y = original("reshape")(y, lean_shape(ys))
                 elif xs[0] == 1 and ys[0] != 1:
-                    x = _lean(x)
+                    x = original("reshape")(x, lean_shape(xs))
         return kernel(x, y, *args, **kwargs)
 
     binary.__name__ = name
@@ -69,10 +57,10 @@ def _binary(name: str) -> Callable:
     return binary
 
 
+_BINARY_NOTE = "composite: reshape a [1, C, 1, 1]-style operand to [C, 1, 1], then the stock kernel (10x faster " \
+               "broadcast on CPU)"
 for _name in ("add", "subtract", "multiply", "divide"):
-    exact(_name, "tensor", "composite: reshape a [1, C, 1, 1]-style operand to [C, 1, 1], then the stock kernel "
-          "(10x faster broadcast on CPU)")(
-        _binary(_name))
+    exact(_name, "tensor", _BINARY_NOTE)(_binary(_name))
 
 
 @exact("mean", "tensor", "composite: sum, then scale by 1/count (Paddle's mean gradient kernel is ~6x slower)")
