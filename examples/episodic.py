@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from typing import Callable
@@ -17,6 +18,7 @@ import paddle.nn.functional as F
 from paddle import nn
 from tqdm import tqdm
 
+from paddlefsl.augment import RandomShift
 from paddlefsl.episodes import EpisodeSampler, make_task, mean_confidence_interval
 from paddlefsl.metaopt import ANIL, MAML, BaseLearner
 from paddlefsl.training import JSONLLogger, load_checkpoint, plot_learning_curve, read_jsonl, save_checkpoint
@@ -47,6 +49,13 @@ def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="iterations between metric records")
     p.add_argument("--eval-at", type=lambda v: [int(i) for i in v.split(",") if i], default=[],
                    help="comma-separated iterations at which to also evaluate on the test tasks (a test curve)")
+    p.add_argument("--augment-shift", type=int, default=0,
+                   help="shift each meta-training image by a random offset of up to this many pixels (0: off)")
+    p.add_argument("--learn-inner-lr", choices=("per_layer", "per_step_per_layer"), default=None,
+                   help="MAML++ learned inner rates (maml/fomaml only)")
+    p.add_argument("--cosine-meta-lr", type=int, default=0, metavar="N",
+                   help="anneal the meta learning rate along a cosine from --meta-lr to 1%% of it over the first N "
+                        "iterations, then hold it (0: constant)")
     return p
 
 
@@ -64,15 +73,32 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--data-root {args.data_root!r} is not a folder")
     if any(i < 1 or i > args.iterations for i in args.eval_at):
         p.error(f"--eval-at iterations must lie in 1..{args.iterations}, got {args.eval_at}")
+    if args.cosine_meta_lr < 0:
+        p.error(f"--cosine-meta-lr must be at least 0, got {args.cosine_meta_lr}")
+    if args.augment_shift < 0:
+        p.error(f"--augment-shift must be at least 0, got {args.augment_shift}")
+    if args.learn_inner_lr and args.algorithm == "anil":
+        p.error("--learn-inner-lr applies to --algorithm maml or fomaml, not anil")
+    if args.learn_inner_lr == "per_step_per_layer" and args.test_inner_steps > args.inner_steps:
+        p.error(f"--learn-inner-lr per_step_per_layer learns --inner-steps={args.inner_steps} rates per layer, so "
+                f"--test-inner-steps must not exceed it, got {args.test_inner_steps}")
     if args.resume and not os.path.exists(os.path.join(args.out, "checkpoint.pkl")):
         p.error(f"--resume: no checkpoint at {os.path.join(args.out, 'checkpoint.pkl')}")
 
 
-def make_learner(args: argparse.Namespace, model: nn.Layer, optimizer: paddle.optimizer.Optimizer) -> BaseLearner:
-    """The learner named by ``--algorithm`` around ``model`` (which has ``features`` and ``head``)."""
+def cosine_factor(iteration: int, horizon: int) -> float:
+    """The meta learning rate's factor after ``iteration`` updates: a cosine from 1 to 0.01 over ``horizon``, then
+    0.01. A function of the iteration alone, so a resumed run continues on the same curve."""
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(iteration, horizon) / horizon))
+
+
+def make_learner(args: argparse.Namespace, model: nn.Layer) -> BaseLearner:
+    """The learner named by ``--algorithm`` (and ``--learn-inner-lr``) around ``model``, which has ``features`` and
+    ``head``; it has no meta-optimizer yet."""
     if args.algorithm == "anil":
-        return ANIL(model.features, model.head, args.inner_lr, meta_optimizer=optimizer)
-    return MAML(model, args.inner_lr, first_order=args.algorithm == "fomaml", meta_optimizer=optimizer)
+        return ANIL(model.features, model.head, args.inner_lr)
+    return MAML(model, args.inner_lr, first_order=args.algorithm == "fomaml", learn_inner_lr=args.learn_inner_lr,
+                inner_steps=args.inner_steps if args.learn_inner_lr == "per_step_per_layer" else None)
 
 
 def adapt_and_predict(learner: BaseLearner, xs, ys, xq, steps: int, first_order: bool | None = None):
@@ -83,9 +109,8 @@ def adapt_and_predict(learner: BaseLearner, xs, ys, xq, steps: int, first_order:
     return task, task(xq)
 
 
-def evaluate(model: nn.Layer, args: argparse.Namespace, images, labels, tasks: int, seed: int) -> tuple:
+def evaluate(learner: BaseLearner, args: argparse.Namespace, images, labels, tasks: int, seed: int) -> tuple:
     """Mean accuracy and 95% CI over ``tasks`` test tasks, adapting ``--test-inner-steps`` times (first order)."""
-    learner = make_learner(args, model, None)
     sampler = EpisodeSampler(labels, args.ways, args.shots, args.query, seed=seed, num_tasks=tasks)
     accuracies = []
     for task in sampler:
@@ -95,18 +120,18 @@ def evaluate(model: nn.Layer, args: argparse.Namespace, images, labels, tasks: i
     return mean_confidence_interval(accuracies)
 
 
-def test_record(model: nn.Layer, args: argparse.Namespace, test, extra_eval: Callable[[nn.Layer], dict] | None
-                ) -> dict:
+def test_record(learner: BaseLearner, args: argparse.Namespace, test,
+                extra_eval: Callable[[BaseLearner], dict] | None) -> dict:
     """Test accuracy and 95% CI over ``--eval-tasks`` tasks (always the same tasks), plus ``extra_eval``'s keys."""
-    accuracy, ci95 = evaluate(model, args, test.images, test.labels, args.eval_tasks, seed=args.seed + 1000)
+    accuracy, ci95 = evaluate(learner, args, test.images, test.labels, args.eval_tasks, seed=args.seed + 1000)
     record = {"test_accuracy": accuracy, "test_ci95": ci95}
     if extra_eval is not None:
-        record.update(extra_eval(model))
+        record.update(extra_eval(learner))
     return record
 
 
-def run(args: argparse.Namespace, model: nn.Layer, train, test, extra_eval: Callable[[nn.Layer], dict] | None = None
-        ) -> dict:
+def run(args: argparse.Namespace, model: nn.Layer, train, test,
+        extra_eval: Callable[[BaseLearner], dict] | None = None) -> dict:
     """Meta-train ``model`` on ``train`` episodes, checkpointing and logging, then evaluate on ``test``.
 
     Returns the results dict also written to ``OUT/results.json``.
@@ -114,16 +139,23 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test, extra_eval: Call
     os.makedirs(args.out, exist_ok=True)
     paddle.seed(args.seed)
     np.random.seed(args.seed)
-    optimizer = paddle.optimizer.Adam(args.meta_lr, parameters=model.parameters())
-    learner = make_learner(args, model, optimizer)
+    learner = make_learner(args, model)
+    schedule = paddle.optimizer.lr.LambdaDecay(args.meta_lr, lambda i: cosine_factor(i, args.cosine_meta_lr)) \
+        if args.cosine_meta_lr else None
+    optimizer = paddle.optimizer.Adam(args.meta_lr if schedule is None else schedule,
+                                      parameters=learner.parameters())
+    learner.meta_optimizer = optimizer
     sampler = EpisodeSampler(train.labels, args.ways, args.shots, args.query, seed=args.seed)
+    shift = RandomShift(args.augment_shift, seed=args.seed + 1)
     checkpoint = os.path.join(args.out, "checkpoint.pkl")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start_iteration, seconds = 0, 0.0
     if args.resume:
-        state = load_checkpoint(checkpoint, model, optimizer)
+        state = load_checkpoint(checkpoint, learner, optimizer)
         start_iteration, seconds = state["step"], state["extra"]["seconds"]
         sampler.set_state(state["extra"]["sampler"])
+        if "augment" in state["extra"]:
+            shift.set_state(state["extra"]["augment"])
         kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start_iteration] \
             if os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:
@@ -138,25 +170,29 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test, extra_eval: Call
     for iteration in bar:
         losses, correct = [], 0.0
         for _ in range(args.meta_batch):
-            xs, ys, xq, yq = make_task(train.images, train.labels, sampler.sample(), to_tensor=True)
+            xs, ys, xq, yq = make_task(train.images, train.labels, sampler.sample())
+            xs, ys, xq, yq = (paddle.to_tensor(a) for a in (shift(xs), ys, shift(xq), yq))
             _, logits = adapt_and_predict(learner, xs, ys, xq, args.inner_steps)
             losses.append(F.cross_entropy(logits, yq))
             correct += float((logits.argmax(axis=1) == yq).astype("float32").mean().item())
         loss = paddle.stack(losses).mean()
         learner.step(loss)
+        if schedule is not None:
+            schedule.step()
         accuracy = correct / args.meta_batch
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
         if iteration % args.log_every == 0 or iteration == args.iterations:
             logger.log(step=iteration, loss=float(loss.item()), accuracy=accuracy)
         if iteration in args.eval_at and iteration != args.iterations:
             pause = time.time()
-            record = test_record(model, args, test, extra_eval)
+            record = test_record(learner, args, test, extra_eval)
             logger.log(step=iteration, **record)
             bar.write(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
             tic += time.time() - pause
         if iteration % args.checkpoint_every == 0 or iteration == args.iterations:
-            save_checkpoint(checkpoint, model, optimizer, step=iteration,
-                            extra={"sampler": sampler.get_state(), "seconds": seconds + time.time() - tic})
+            save_checkpoint(checkpoint, learner, optimizer, step=iteration,
+                            extra={"sampler": sampler.get_state(), "augment": shift.get_state(),
+                                   "seconds": seconds + time.time() - tic})
     logger.close()
     seconds += time.time() - tic
     if os.path.getsize(metrics_path):
@@ -164,7 +200,7 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test, extra_eval: Call
         plot_learning_curve(metrics_path, os.path.join(args.out, "learning_curve.png"), keys=keys, smoothing=5,
                             title=f"{args.algorithm} {args.ways}-way {args.shots}-shot")
 
-    final = test_record(model, args, test, extra_eval)
+    final = test_record(learner, args, test, extra_eval)
     results = dict(final)
     results.update(iterations=args.iterations, seconds=round(seconds, 1),
                    seconds_per_iteration=round(seconds / args.iterations, 3), config=vars(args))

@@ -32,19 +32,23 @@ paddle.seed(args.seed)
 model = Conv4.omniglot(args.ways)
 
 
-def lake_runs(meta_model) -> dict:
+def lake_runs(meta_learner) -> dict:
     """Lake et al.'s 20-way one-shot runs, two ways: the meta-learned network with a zero-initialised 20-way head,
-    adapted --test-inner-steps times on the 20 training images (first order), then used on the 20 test images; and
-    the nearest training image by cosine similarity of the meta-learned features (no adaptation)."""
+    adapted --test-inner-steps times on the 20 training images (first order, with the meta-learner's inner rates),
+    then used on the 20 test images; and the nearest training image by cosine similarity of the meta-learned
+    features (no adaptation)."""
     if not os.path.exists(os.path.join(args.data_root, "all_runs.zip")):
         return {}
     runs = OmniglotOneShotRuns(args.data_root)
+    meta_model = meta_learner.model
     wide = Conv4.omniglot(20)
     state = {k: v for k, v in meta_model.state_dict().items() if not k.startswith("head.")}
     wide.set_state_dict(state, use_structured_name=True)
     for p_ in wide.head.parameters():
         paddle.assign(paddle.zeros_like(p_), output=p_)
-    learner = make_learner(args, wide, None)
+    learner = make_learner(args, wide)
+    if args.learn_inner_lr:
+        learner.inner_lrs.set_state_dict(meta_learner.inner_lrs.state_dict())
 
     def predict(support, query):
         task = learner.clone()

@@ -41,18 +41,29 @@ def test_short_second_order_run_beats_chance_and_writes_everything(tmp_path):
     assert "head.weight" in keys and not any(k.startswith("model.") for k in keys)
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "anil"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, algorithm):
-    common = ["--algorithm", algorithm, "--meta-batch", "2", "--eval-tasks", "2", "--checkpoint-every", "2"]
+PUSH = ["--augment-shift", "2", "--learn-inner-lr", "per_layer", "--cosine-meta-lr", "4"]
+
+
+@pytest.mark.parametrize("options", [["--algorithm", "maml"], ["--algorithm", "anil"], ["--algorithm", "maml", *PUSH]],
+                         ids=["maml", "anil", "maml-push"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, options):
+    common = [*options, "--meta-batch", "2", "--eval-tasks", "2", "--checkpoint-every", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _omniglot(straight, "--iterations", "4", *common).returncode == 0
     assert _omniglot(split, "--iterations", "2", *common).returncode == 0
     resumed = _omniglot(split, "--iterations", "4", "--resume", *common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _weights(straight), _weights(split)
-    assert a.keys() == b.keys()
+    with open(straight / "checkpoint.pkl", "rb") as f:
+        a = pickle.load(f)["wrapper"]
+    with open(split / "checkpoint.pkl", "rb") as f:
+        b = pickle.load(f)["wrapper"]
+    assert a.keys() == b.keys() and any(k.startswith("model.") for k in a)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    if "--learn-inner-lr" in options:
+        rates = [v for k, v in a.items() if k.startswith("inner_lrs.")]  # one per trainable tensor of Conv4
+        assert len(rates) == 18 and all(r.shape == (1,) for r in rates)
+        assert sum(r[0] != np.float32(0.4) for r in rates) >= 10  # learned (conv biases before BN get no gradient)
     steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
 
@@ -63,6 +74,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, algorit
     (["--resume"], "--resume: no checkpoint"),
     (["--algorithm", "reptile"], "invalid choice: 'reptile'"),
     (["--iterations", "10", "--eval-at", "5,11"], "--eval-at iterations must lie in 1..10"),
+    (["--augment-shift", "-1"], "--augment-shift must be at least 0"),
+    (["--cosine-meta-lr", "-5"], "--cosine-meta-lr must be at least 0"),
+    (["--algorithm", "anil", "--learn-inner-lr", "per_layer"], "--learn-inner-lr applies to --algorithm maml"),
+    (["--learn-inner-lr", "per_step_per_layer"], "--test-inner-steps must not exceed it, got 3"),
 ])
 def test_bad_arguments_get_a_clear_message(tmp_path, args, message):
     run = _omniglot(tmp_path / "new", *args)
@@ -74,3 +89,13 @@ def test_missing_data_root_is_reported(tmp_path):
                           str(tmp_path / "nowhere"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
                          text=True)
     assert run.returncode == 2 and "is not a folder" in run.stderr
+
+
+def test_cosine_factor_falls_from_one_to_a_hundredth_then_holds():
+    sys.path.insert(0, str(ROOT / "examples"))
+    from episodic import cosine_factor
+    assert cosine_factor(0, 10) == 1.0
+    assert cosine_factor(5, 10) == pytest.approx(0.505)
+    assert cosine_factor(10, 10) == pytest.approx(0.01) and cosine_factor(25, 10) == pytest.approx(0.01)
+    values = [cosine_factor(i, 10) for i in range(11)]
+    assert all(a > b for a, b in zip(values, values[1:]))
