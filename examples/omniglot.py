@@ -42,8 +42,7 @@ def lake_runs(meta_learner) -> dict:
     runs = OmniglotOneShotRuns(args.data_root)
     meta_model = meta_learner.model
     wide = Conv4.omniglot(20)
-    state = {k: v for k, v in meta_model.state_dict().items() if not k.startswith("head.")}
-    wide.set_state_dict(state, use_structured_name=True)
+    wide.features.set_state_dict(meta_model.features.state_dict())
     for p_ in wide.head.parameters():
         paddle.assign(paddle.zeros_like(p_), output=p_)
     learner = make_learner(args, wide)
