@@ -195,18 +195,17 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
                                    "seconds": seconds + time.time() - tic})
     logger.close()
     seconds += time.time() - tic
-    if os.path.getsize(metrics_path):
-        keys = ["loss", "accuracy"] + (["test_accuracy"] if args.eval_at else [])
-        plot_learning_curve(metrics_path, os.path.join(args.out, "learning_curve.png"), keys=keys, smoothing=5,
-                            title=f"{args.algorithm} {args.ways}-way {args.shots}-shot")
 
     final = test_record(learner, args, test, extra_eval)
+    records = read_jsonl(metrics_path) + [{"step": args.iterations, **final}]
+    plot_learning_curve(records, os.path.join(args.out, "learning_curve.png"),
+                        keys=["loss", "accuracy", "test_accuracy"], smoothing={"loss": 5, "accuracy": 5},
+                        title=f"{args.algorithm} {args.ways}-way {args.shots}-shot")
     results = dict(final)
     results.update(iterations=args.iterations, seconds=round(seconds, 1),
                    seconds_per_iteration=round(seconds / args.iterations, 3), config=vars(args))
     if args.eval_at:
-        results["test_curve"] = [r for r in read_jsonl(metrics_path) if "test_accuracy" in r] + [
-            {"step": args.iterations, **final}]
+        results["test_curve"] = [r for r in records if "test_accuracy" in r]
     accuracy, ci95 = results["test_accuracy"], results["test_ci95"]
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -24,8 +24,8 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_learning_curve(records: Union[str, Sequence[Dict[str, Any]]], out_path: str,
-                        keys: Optional[Sequence[str]] = None, x: str = "step", smoothing: int = 1,
-                        title: Optional[str] = None) -> str:
+                        keys: Optional[Sequence[str]] = None, x: str = "step",
+                        smoothing: Union[int, Mapping[str, int]] = 1, title: Optional[str] = None) -> str:
     """Plot metrics against ``x`` and save a PNG.
 
     Args:
@@ -33,7 +33,9 @@ def plot_learning_curve(records: Union[str, Sequence[Dict[str, Any]]], out_path:
         out_path: PNG file to write (parent folders are created).
         keys: Metrics to plot, one subplot each; None plots every numeric key except ``x`` and ``time``.
         x: Key used for the horizontal axis (records lacking it use their position).
-        smoothing: Trailing moving-average window (1 = raw); the raw curve is drawn faintly behind.
+        smoothing: Trailing moving-average window (1 = raw) for every key, or a mapping from keys to windows
+            (keys it does not name are drawn raw); the raw curve is drawn faintly behind a smoothed one. Series of
+            at most 20 points (such as a test curve) are drawn with markers.
         title: Figure title.
 
     Returns:
@@ -65,11 +67,13 @@ def plot_learning_curve(records: Union[str, Sequence[Dict[str, Any]]], out_path:
     FigureCanvasAgg(fig)
     for i, (key, xs, ys) in enumerate(series):
         ax = fig.add_subplot(len(series), 1, i + 1)
-        if smoothing > 1:
-            ax.plot(xs, ys, alpha=0.3, color="C0")
-            ax.plot(xs, _smooth(ys, smoothing), color="C0", label=f"{key} (avg {smoothing})")
+        window = smoothing.get(key, 1) if isinstance(smoothing, Mapping) else smoothing
+        marker = "o" if len(xs) <= 20 else None
+        if window > 1:
+            ax.plot(xs, ys, alpha=0.3, color="C0", marker=marker)
+            ax.plot(xs, _smooth(ys, window), color="C0", label=f"{key} (avg {window})")
         else:
-            ax.plot(xs, ys, color="C0", label=key)
+            ax.plot(xs, ys, color="C0", marker=marker, label=key)
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")

@@ -191,3 +191,16 @@ def test_plot_learning_curve(tmp_path, smoothing, from_file):
     assert Image.open(out).size[1] > Image.open(out).size[0] * 0.5  # two stacked subplots (loss, acc)
     with pytest.raises(ValueError, match="no numeric"):
         plot_learning_curve(rows, tmp_path / "x.png", keys=["tag"])
+
+
+def test_plot_learning_curve_smooths_per_key_and_marks_sparse_series(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    rows = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(30)]
+    rows += [{"step": 10 * i, "test": i / 3} for i in range(4)]
+    drawn, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), savefig(fig, *a, **k))[1])
+    plot_learning_curve(rows, tmp_path / "c.png", keys=["loss", "test"], smoothing={"loss": 5})
+    loss_axis, test_axis = drawn[0].axes
+    assert len(loss_axis.lines) == 2 and loss_axis.lines[1].get_label() == "loss (avg 5)"  # raw, then smoothed
+    assert len(test_axis.lines) == 1 and test_axis.lines[0].get_marker() == "o"
+    np.testing.assert_array_equal(test_axis.lines[0].get_ydata(), [0, 1 / 3, 2 / 3, 1])
