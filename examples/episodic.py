@@ -61,10 +61,12 @@ def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exit with a clear message for arguments that cannot work."""
-    for name in ("ways", "shots", "query", "iterations", "meta_batch", "inner_steps", "test_inner_steps",
-                 "eval_tasks", "checkpoint_every", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    minimum = dict.fromkeys(("ways", "shots", "query", "iterations", "meta_batch", "inner_steps", "test_inner_steps",
+                             "eval_tasks", "checkpoint_every", "log_every"), 1)
+    minimum.update(cosine_meta_lr=0, augment_shift=0)
+    for name, least in minimum.items():
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.ways < 2:
         p.error("--ways must be at least 2")
     if not (args.inner_lr > 0 and args.meta_lr > 0):
@@ -73,10 +75,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--data-root {args.data_root!r} is not a folder")
     if any(i < 1 or i > args.iterations for i in args.eval_at):
         p.error(f"--eval-at iterations must lie in 1..{args.iterations}, got {args.eval_at}")
-    if args.cosine_meta_lr < 0:
-        p.error(f"--cosine-meta-lr must be at least 0, got {args.cosine_meta_lr}")
-    if args.augment_shift < 0:
-        p.error(f"--augment-shift must be at least 0, got {args.augment_shift}")
     if args.learn_inner_lr and args.algorithm == "anil":
         p.error("--learn-inner-lr applies to --algorithm maml or fomaml, not anil")
     if args.learn_inner_lr == "per_step_per_layer" and args.test_inner_steps > args.inner_steps:
