@@ -31,8 +31,8 @@ def test_short_second_order_run_beats_chance_and_writes_everything(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert {"test_accuracy", "test_ci95", "iterations", "seconds", "config"} <= set(results)
     assert results["test_accuracy"] - results["test_ci95"] > 0.4, results  # chance is 0.2
-    assert 0 < results["lake_20way_one_shot_error"] < 0.95
-    assert 0 < results["lake_20way_one_shot_error_nearest"] < 0.95
+    assert 0 < results["lake_20way_one_shot_error"] < 0.85  # chance is 0.95
+    assert 0 < results["lake_20way_one_shot_error_nearest"] < 0.85
     curve = results["test_curve"]
     assert [r["step"] for r in curve] == [20, 40] and curve[1]["test_accuracy"] == results["test_accuracy"]
     assert all(0 < r["test_ci95"] < r["test_accuracy"] for r in curve)
