@@ -39,6 +39,13 @@ def test_short_second_order_run_beats_chance_and_writes_everything(tmp_path):
     assert (tmp_path / "learning_curve.png").stat().st_size > 5000
     keys = set(_weights(tmp_path))
     assert "head.weight" in keys and not any(k.startswith("model.") for k in keys)
+    steps = subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot_lake_steps.py"), "--data-root",
+                            str(DATA), "--run", str(tmp_path), "--steps", "1,20", "--tasks", "4"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert steps.returncode == 0, steps.stderr[-3000:]
+    lines = steps.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["head, 1 steps", "head, 20 steps", "nearest neighbour"]
+    assert all(0 <= float(line.split("error ")[1].rstrip(" %")) < 90 for line in lines), lines  # chance is 95
 
 
 PUSH = ["--augment-shift", "2", "--learn-inner-lr", "per_layer", "--cosine-meta-lr", "4"]
@@ -82,6 +89,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, options
 def test_bad_arguments_get_a_clear_message(tmp_path, args, message):
     run = _omniglot(tmp_path / "new", *args)
     assert run.returncode == 2 and message in run.stderr
+
+
+def test_lake_steps_needs_a_finished_run(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot_lake_steps.py"), "--data-root", str(DATA),
+                          "--run", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "has no results.json" in run.stderr
 
 
 def test_missing_data_root_is_reported(tmp_path):
