@@ -26,6 +26,11 @@ from paddlefsl.training import JSONLLogger, load_checkpoint, plot_learning_curve
 ALGORITHMS = ("maml", "fomaml", "anil")
 
 
+def int_list(text: str) -> list[int]:
+    """Parse a comma-separated command-line value such as ``"500,1000"``."""
+    return [int(i) for i in text.split(",") if i]
+
+
 def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     """The shared command line; ``defaults`` sets each dataset's paper values."""
     p = argparse.ArgumentParser(description=description)
@@ -47,7 +52,7 @@ def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
     p.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     p.add_argument("--log-every", type=int, default=10, help="iterations between metric records")
-    p.add_argument("--eval-at", type=lambda v: [int(i) for i in v.split(",") if i], default=[],
+    p.add_argument("--eval-at", type=int_list, default=[],
                    help="comma-separated iterations at which to also evaluate on the test tasks (a test curve)")
     p.add_argument("--augment-shift", type=int, default=0,
                    help="shift each meta-training image by a random offset of up to this many pixels (0: off)")

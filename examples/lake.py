@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import paddle
 import paddle.nn.functional as F
-from episodic import make_learner
+from episodic import adapt_and_predict, make_learner
 
 from paddlefsl.backbones import Conv4
 from paddlefsl.metaopt import BaseLearner
@@ -39,11 +39,9 @@ def head_predictor(learner: BaseLearner, steps: int) -> Predictor:
     """``predict(support, query)``: adapt a clone ``steps`` first-order times on the support images (one per class,
     class ``i`` at row ``i``) and return the most likely support index of every query image."""
     def predict(support: np.ndarray, query: np.ndarray) -> np.ndarray:
-        task = learner.clone()
-        ys = paddle.arange(len(support))
-        for _ in range(steps):
-            task.adapt(F.cross_entropy(task(paddle.to_tensor(support)), ys), first_order=True)
-        return task(paddle.to_tensor(query)).argmax(axis=1).numpy()
+        _, logits = adapt_and_predict(learner, paddle.to_tensor(support), paddle.arange(len(support)),
+                                      paddle.to_tensor(query), steps, first_order=True)
+        return logits.argmax(axis=1).numpy()
     return predict
 
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from episodic import make_learner  # noqa: E402
+from episodic import int_list, make_learner  # noqa: E402
 from lake import head_predictor, nearest_predictor, wide_head_learner  # noqa: E402
 
 from paddlefsl.backbones import Conv4  # noqa: E402
@@ -28,7 +28,7 @@ WAYS = 20
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--data-root", required=True, help="folder holding the Omniglot zips")
 p.add_argument("--run", required=True, help="the --out folder of a finished examples/omniglot.py run")
-p.add_argument("--steps", type=lambda v: [int(i) for i in v.split(",") if i], default=[3, 10, 20, 40],
+p.add_argument("--steps", type=int_list, default=[3, 10, 20, 40],
                help="comma-separated candidate numbers of adaptation steps")
 p.add_argument("--tasks", type=int, default=60, help="20-way tasks to score each candidate on")
 p.add_argument("--seed", type=int, default=0)
@@ -63,7 +63,8 @@ def error(predict) -> float:
     return float(np.mean([np.mean(predict(support, query) != targets) for support, query, targets in tasks]))
 
 
+wide = wide_head_learner(config, meta_learner)  # each prediction adapts a clone, so one serves every candidate
 for steps in args.steps:
-    head = head_predictor(wide_head_learner(config, meta_learner), steps)
+    head = head_predictor(wide, steps)
     print(f"head, {steps} steps: error {100 * error(head):.1f} %")
 print(f"nearest neighbour: error {100 * error(nearest_predictor(meta_learner)):.1f} %")
