@@ -114,7 +114,6 @@ def test_cosine_factor_falls_from_one_to_a_hundredth_then_holds():
     assert all(a > b for a, b in zip(values, values[1:]))
 
 
-
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PADDLEFSL_SLOW") != "1", reason="full reproduction (hours): set PADDLEFSL_SLOW=1")
 def test_full_recipe_at_least_matches_the_learn2learn_calibration(tmp_path):
