@@ -51,8 +51,9 @@ def _check_outputs(out: Path, make_model) -> None:
         weights = pickle.load(f)["model"]
     paddle.set_default_dtype("float32")             # the scripts train in Paddle's default dtype
     model = make_model()
-    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})  # no learner needed
     assert weights.keys() == model.state_dict().keys()
+    model.set_state_dict({k: paddle.to_tensor(v) for k, v in weights.items()})  # no learner needed
+    np.testing.assert_array_equal(model.head.weight.numpy(), weights["head.weight"])
 
 
 def test_omniglot_standard_split_command(tmp_path):
