@@ -42,8 +42,10 @@ def decode_glyph(image):
     return int(np.argmax(image[0, 0])), int(np.argmax(image[0, 8]))
 
 
-def make_omniglot_zip(path, top, alphabets, examples=4, start_id=0, size=16):
-    """Write an Omniglot-style zip ``top/alphabet/characterNN/ID_EE.png``; returns {char_id: (alphabet, char)}."""
+def make_omniglot_zip(path, top, alphabets, examples=4, start_id=0, size=16, image=None):
+    """Write an Omniglot-style zip ``top/alphabet/characterNN/ID_EE.png``; returns {char_id: (alphabet, char)}.
+
+    ``image(char_id, example)`` draws each uint8 image (default: :func:`glyph`, which needs ids below ``size``)."""
     ids = {}
     char_id = start_id
     with zipfile.ZipFile(path, "w") as zf:
@@ -52,7 +54,7 @@ def make_omniglot_zip(path, top, alphabets, examples=4, start_id=0, size=16):
                 ids[char_id] = (alphabet, f"character{c:02d}")
                 for e in range(examples):
                     name = f"{top}/{alphabet}/character{c:02d}/{char_id:04d}_{e + 1:02d}.png"
-                    zf.writestr(name, png_bytes(glyph(char_id, e, size)))
+                    zf.writestr(name, png_bytes(glyph(char_id, e, size) if image is None else image(char_id, e)))
                 char_id += 1
     return ids
 

@@ -4,14 +4,13 @@ import json
 import pickle
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import paddle
 
 from paddlefsl.backbones import Conv4
-from tests.datasets.conftest import png_bytes
+from tests.datasets.conftest import make_omniglot_zip
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--iterations", "2", "--meta-batch", "2", "--eval-tasks", "3", "--shots", "1", "--query", "2",
@@ -21,18 +20,6 @@ SHORT = ["--iterations", "2", "--meta-batch", "2", "--eval-tasks", "3", "--shots
 def _example(script: str, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "examples" / script), "--data-root", str(data), "--out", str(out),
                            *extra], cwd=ROOT, capture_output=True, text=True)
-
-
-def _omniglot_zip(path: Path, top: str, characters: int, first_id: int, examples: int = 3) -> None:
-    """``characters`` characters in alphabets of 50 (named after ``top``, so the two zips share none), each with
-    random 8x8 strokes."""
-    rng = np.random.default_rng(first_id)
-    with zipfile.ZipFile(path, "w") as zf:
-        for c in range(characters):
-            for e in range(examples):
-                image = np.where(rng.random((8, 8)) < 0.3, 0, 255).astype(np.uint8)
-                name = f"{top}/{top}-alphabet{c // 50:02d}/character{c % 50 + 1:02d}/{first_id + c:04d}_{e + 1:02d}.png"
-                zf.writestr(name, png_bytes(image))
 
 
 def _miniimagenet_pickles(root: Path, classes: int = 6, per_class: int = 3) -> None:
@@ -59,8 +46,14 @@ def _check_outputs(out: Path, make_model) -> None:
 def test_omniglot_standard_split_command(tmp_path):
     data = tmp_path / "omniglot"
     data.mkdir()
-    _omniglot_zip(data / "images_background.zip", "images_background", 700, first_id=0)
-    _omniglot_zip(data / "images_evaluation.zip", "images_evaluation", 530, first_id=700)
+    rng = np.random.default_rng(0)
+
+    def strokes(char_id, example):
+        return np.where(rng.random((8, 8)) < 0.3, 0, 255).astype(np.uint8)
+
+    for top, alphabets, first_id in (("images_background", 14, 0), ("images_evaluation", 11, 700)):
+        make_omniglot_zip(data / f"{top}.zip", top, {f"{top}-alphabet{a:02d}": 50 for a in range(alphabets)},
+                          examples=3, start_id=first_id, image=strokes)          # 1250 characters in all
     run = _example("omniglot.py", data, tmp_path / "run", "--split", "standard", *SHORT)
     assert run.returncode == 0, run.stderr[-3000:]
     _check_outputs(tmp_path / "run", lambda: Conv4.omniglot(5))
