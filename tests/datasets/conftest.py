@@ -1,6 +1,7 @@
 """Fixtures for dataset tests: the shared data folder and synthetic archives."""
 import io
 import os
+import pickle
 import zipfile
 
 import numpy as np
@@ -57,6 +58,13 @@ def make_omniglot_zip(path, top, alphabets, examples=4, start_id=0, size=16, ima
                     zf.writestr(name, png_bytes(glyph(char_id, e, size) if image is None else image(char_id, e)))
                 char_id += 1
     return ids
+
+
+def make_miniimagenet_pickle(root, mode, image_data, class_dict):
+    """Write ``root/mini-imagenet-cache-{mode}.pkl`` in the common pickle layout: the uint8 images, (N, H, W, 3),
+    and each class name's image indices."""
+    with open(root / f"mini-imagenet-cache-{mode}.pkl", "wb") as f:
+        pickle.dump({"image_data": image_data, "class_dict": class_dict}, f)
 
 
 @pytest.fixture

@@ -1,6 +1,4 @@
 """Tests for paddlefsl.datasets.MiniImageNet on tiny synthetic trees in both layouts."""
-import pickle
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -8,6 +6,7 @@ from PIL import Image
 from paddlefsl.datasets import (IMAGENET_MEAN, IMAGENET_STD, CorruptDatasetError, DatasetNotFoundError,
                                 MiniImageNet)
 from paddlefsl.episodes import EpisodeSampler, make_task
+from tests.datasets.conftest import make_miniimagenet_pickle
 
 CLASSES = ["n02", "n01", "n03"]  # deliberately unsorted
 PER_CLASS = 4
@@ -25,10 +24,8 @@ def _pixels(size=84):
 def _make_pickle(root, mode):
     pix = _pixels()
     keys = sorted(pix, key=lambda k: (k[1], k[0]))  # interleave classes
-    data = {"image_data": np.stack([pix[k] for k in keys]),
-            "class_dict": {n: [j for j, k in enumerate(keys) if k[0] == n] for n in CLASSES}}
-    with open(root / f"mini-imagenet-cache-{mode}.pkl", "wb") as f:
-        pickle.dump(data, f)
+    make_miniimagenet_pickle(root, mode, np.stack([pix[k] for k in keys]),
+                             {n: [j for j, k in enumerate(keys) if k[0] == n] for n in CLASSES})
     return keys
 
 
@@ -93,7 +90,6 @@ def test_errors(tmp_path):
     (tmp_path / "mini-imagenet-cache-test.pkl").write_bytes(b"garbage")
     with pytest.raises(CorruptDatasetError, match="not a valid miniImageNet pickle"):
         MiniImageNet(tmp_path, "test")
-    with open(tmp_path / "mini-imagenet-cache-val.pkl", "wb") as f:
-        pickle.dump({"image_data": np.zeros((2, 8, 8, 3), np.uint8), "class_dict": {"a": [0]}}, f)
+    make_miniimagenet_pickle(tmp_path, "val", np.zeros((2, 8, 8, 3), np.uint8), {"a": [0]})
     with pytest.raises(CorruptDatasetError, match="belong to no class"):
         MiniImageNet(tmp_path, "val")

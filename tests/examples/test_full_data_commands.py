@@ -1,41 +1,35 @@
 """The README's full-data commands (Omniglot standard split, miniImageNet) run end to end on tiny synthetic trees in
 the official layouts, and write loadable checkpoints."""
 import json
-import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import paddle
 
 from paddlefsl.backbones import Conv4
-from tests.datasets.conftest import make_omniglot_zip
+from tests.datasets.conftest import make_miniimagenet_pickle, make_omniglot_zip
+from tests.examples.scripts import read_checkpoint, run_example
 
-ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--iterations", "2", "--meta-batch", "2", "--eval-tasks", "3", "--shots", "1", "--query", "2",
          "--inner-steps", "1", "--test-inner-steps", "1", "--checkpoint-every", "1"]
 
 
-def _example(script: str, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "examples" / script), "--data-root", str(data), "--out", str(out),
-                           *extra], cwd=ROOT, capture_output=True, text=True)
+def _example(script: str, data: Path, out: Path, *extra: str):
+    return run_example(script, "--data-root", data, "--out", out, *extra)
 
 
 def _miniimagenet_pickles(root: Path, classes: int = 6, per_class: int = 3) -> None:
     rng = np.random.default_rng(0)
     for mode in ("train", "val", "test"):
         images = rng.integers(0, 256, (classes * per_class, 84, 84, 3), dtype=np.uint8)
-        class_dict = {f"n{mode}{c:02d}": list(range(c * per_class, (c + 1) * per_class)) for c in range(classes)}
-        with open(root / f"mini-imagenet-cache-{mode}.pkl", "wb") as f:
-            pickle.dump({"image_data": images, "class_dict": class_dict}, f)
+        make_miniimagenet_pickle(root, mode, images, {f"n{mode}{c:02d}": list(range(c * per_class, (c + 1) * per_class))
+                                                      for c in range(classes)})
 
 
 def _check_outputs(out: Path, make_model) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["iterations"] == 2 and 0 <= results["test_accuracy"] <= 1 and results["test_ci95"] >= 0
-    with open(out / "checkpoint.pkl", "rb") as f:
-        weights = pickle.load(f)["model"]
+    weights = read_checkpoint(out)["model"]
     paddle.set_default_dtype("float32")             # the scripts train in Paddle's default dtype
     model = make_model()
     assert weights.keys() == model.state_dict().keys()

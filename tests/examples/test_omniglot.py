@@ -1,27 +1,20 @@
 import json
 import os
-import pickle
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.examples.scripts import ROOT, read_checkpoint, run_example
+
 DATA = Path(os.environ.get("PADDLEFSL_DATA", ROOT.parent / "shared" / "data")) / "omniglot"
 pytestmark = pytest.mark.skipif(not (DATA / "images_background_small1.zip").exists(),
                                 reason=f"Omniglot minimal zips not found in {DATA}")
 
 
-def _omniglot(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot.py"), "--data-root", str(DATA),
-                           "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True)
-
-
-def _weights(out: Path) -> dict:
-    with open(out / "checkpoint.pkl", "rb") as f:
-        return pickle.load(f)["model"]
+def _omniglot(out: Path, *extra: str):
+    return run_example("omniglot.py", "--data-root", DATA, "--out", out, *extra)
 
 
 def test_short_second_order_run_beats_chance_and_writes_everything(tmp_path):
@@ -37,11 +30,10 @@ def test_short_second_order_run_beats_chance_and_writes_everything(tmp_path):
     assert [r["step"] for r in curve] == [20, 40] and curve[1]["test_accuracy"] == results["test_accuracy"]
     assert all(0 < r["test_ci95"] < r["test_accuracy"] for r in curve)
     assert (tmp_path / "learning_curve.png").stat().st_size > 5000
-    keys = set(_weights(tmp_path))
+    keys = set(read_checkpoint(tmp_path)["model"])
     assert "head.weight" in keys and not any(k.startswith("model.") for k in keys)
-    steps = subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot_lake_steps.py"), "--data-root",
-                            str(DATA), "--run", str(tmp_path), "--steps", "1,20", "--tasks", "4"],
-                           cwd=ROOT, capture_output=True, text=True)
+    steps = run_example("omniglot_lake_steps.py", "--data-root", DATA, "--run", tmp_path, "--steps", "1,20",
+                        "--tasks", "4")
     assert steps.returncode == 0, steps.stderr[-3000:]
     lines = steps.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["head, 1 steps", "head, 20 steps", "nearest neighbour"]
@@ -60,10 +52,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, options
     assert _omniglot(split, "--iterations", "2", *common).returncode == 0
     resumed = _omniglot(split, "--iterations", "4", "--resume", *common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    with open(straight / "checkpoint.pkl", "rb") as f:
-        a = pickle.load(f)["wrapper"]
-    with open(split / "checkpoint.pkl", "rb") as f:
-        b = pickle.load(f)["wrapper"]
+    a, b = read_checkpoint(straight)["wrapper"], read_checkpoint(split)["wrapper"]
     assert a.keys() == b.keys() and any(k.startswith("model.") for k in a)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -92,15 +81,12 @@ def test_bad_arguments_get_a_clear_message(tmp_path, args, message):
 
 
 def test_lake_steps_needs_a_finished_run(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot_lake_steps.py"), "--data-root", str(DATA),
-                          "--run", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    run = run_example("omniglot_lake_steps.py", "--data-root", DATA, "--run", tmp_path)
     assert run.returncode == 2 and "has no results.json" in run.stderr
 
 
 def test_missing_data_root_is_reported(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "omniglot.py"), "--data-root",
-                          str(tmp_path / "nowhere"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True)
+    run = run_example("omniglot.py", "--data-root", tmp_path / "nowhere", "--out", tmp_path)
     assert run.returncode == 2 and "is not a folder" in run.stderr
 
 

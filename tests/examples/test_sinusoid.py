@@ -1,18 +1,15 @@
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.examples.scripts import run_example
 
 
 def _run(out: Path, iterations: int, eval_tasks: int) -> dict:
-    subprocess.run([sys.executable, str(ROOT / "examples" / "sinusoid.py"), "--out", str(out),
-                    "--iterations", str(iterations), "--eval-tasks", str(eval_tasks)],
-                   check=True, cwd=ROOT, capture_output=True, text=True)
+    run = run_example("sinusoid.py", "--out", out, "--iterations", iterations, "--eval-tasks", eval_tasks)
+    assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "sinusoid.png").stat().st_size > 10_000
     assert (out / "metrics.jsonl").read_text().count("\n") >= 2
     return json.loads((out / "results.json").read_text())
@@ -26,8 +23,7 @@ def test_short_demo_writes_its_outputs_and_learns(tmp_path):
 
 
 def test_bad_arguments_get_a_clear_message(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "sinusoid.py"), "--out", str(tmp_path),
-                          "--iterations", "0"], cwd=ROOT, capture_output=True, text=True)
+    run = run_example("sinusoid.py", "--out", tmp_path, "--iterations", 0)
     assert run.returncode == 2 and "--iterations must be at least 1" in run.stderr
 
 
