@@ -18,8 +18,10 @@ from paddle.autograd import PyLayer
 from paddlefsl.metaopt.autodiff.common import pointwise
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
 
-stock(["tanh", "sigmoid", "leaky_relu", "elu", "celu", "silu", "softplus", "exp"],
+stock(["leaky_relu", "elu", "celu", "silu", "softplus", "exp"],
       "activation", "Paddle's double gradient, checked against finite differences")
+stock(["tanh", "sigmoid"], "activation", "Paddle's second and third derivatives, checked against finite differences",
+      order=3)
 
 
 class _Softmax(PyLayer):

@@ -8,7 +8,11 @@ statuses while the exact scope is active (see :mod:`paddlefsl.metaopt.autodiff.s
 * ``stock``: Paddle's own double gradient was checked against finite differences and is exact; the kernel is
   left untouched.
 * ``guarded`` (everything else): forward and first-order gradients are Paddle's own, but differentiating it
-  twice raises :class:`~paddlefsl.metaopt.errors.SecondOrderError` naming the op and the layer.
+  twice raises `SecondOrderError` naming the op and the layer.
+
+Each stock kernel also records the highest order whose derivatives were checked against finite differences
+(`verified_order`); the graph audit (`paddlefsl.metaopt.autodiff.audit`) derives from it which of Paddle's grad
+nodes may be differentiated again.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ class OpRule:
         status: ``"exact"`` or ``"stock"``.
         replacement: the function installed in ``paddle._C_ops`` (``None`` for stock kernels).
         note: a short remark shown in the coverage table.
+        order: for stock kernels, the highest order of derivative verified exact (``None``: every order, for exact
+            rules whose backward is written in differentiable ops).
     """
 
     name: str
@@ -45,9 +51,12 @@ class OpRule:
     status: str
     replacement: Callable | None = None
     note: str = ""
+    order: int | None = None
 
 
 _RULES: dict[str, OpRule] = {}
+_VERIFIED: dict[str, int] = {}
+_OPERATOR_NODES: dict[str, str] = {}
 
 
 def original(name: str) -> Callable:
@@ -92,16 +101,67 @@ def exact(name: str, family: str, note: str = "") -> Callable[[Callable], Callab
     return decorate
 
 
-def stock(names: Iterable[str], family: str, note: str = "") -> None:
-    """Declare kernels whose stock Paddle double gradient is exact (each one must have a finite-difference test).
+def stock(names: Iterable[str], family: str, note: str = "", order: int = 2) -> None:
+    """Declare kernels whose stock Paddle higher derivatives are exact up to ``order`` (each order needs a
+    finite-difference test).
 
     Args:
         names: kernel names in ``paddle._C_ops``.
         family: the op family.
         note: a short remark for the coverage table.
+        order: the highest order of derivative checked against finite differences (2: second order).
     """
+    names = list(names)
     for name in names:
-        _add(OpRule(name, family, STOCK, None, note))
+        _add(OpRule(name, family, STOCK, None, note, order))
+    verified(names, order)
+
+
+def verified(names: Iterable[str], order: int) -> None:
+    """Record that Paddle's own derivatives of the kernels ``names`` are exact up to ``order``.
+
+    Exact rules that end in a stock kernel (a composite, or a faster layout around the stock kernel) call this
+    for the kernels they use, so the graph audit accepts those kernels' grad nodes.
+
+    Args:
+        names: kernel names in ``paddle._C_ops``.
+        order: the highest order of derivative checked against finite differences.
+
+    Raises:
+        ValueError: if ``order`` is below 1.
+    """
+    if order < 1:
+        raise ValueError(f"order must be >= 1, got {order}")
+    for name in names:
+        original(name)
+        _VERIFIED[name] = max(order, _VERIFIED.get(name, 0))
+
+
+def verified_operator_node(node: str, note: str) -> None:
+    """Record that a grad node which Tensor operators bound in C++ record (no ``paddle._C_ops`` kernel of that
+    name), e.g. ``DivScaleGradNode`` for ``x / 2``, may be differentiated again exactly (checked against finite
+    differences).
+
+    Args:
+        node: the grad node's name, as ``Tensor.grad_fn.name()`` gives it.
+        note: what records it, for the coverage table.
+    """
+    _OPERATOR_NODES[node] = note
+
+
+def verified_operator_nodes() -> tuple[str, ...]:
+    """Return the names recorded with `verified_operator_node`, sorted."""
+    return tuple(sorted(_OPERATOR_NODES))
+
+
+def operator_node_notes() -> dict[str, str]:
+    """Return the notes of the nodes recorded with `verified_operator_node`."""
+    return dict(_OPERATOR_NODES)
+
+
+def verified_orders() -> dict[str, int]:
+    """Return a copy of the verified orders of Paddle's own kernels, keyed by kernel name."""
+    return dict(_VERIFIED)
 
 
 def rules() -> dict[str, OpRule]:

@@ -1,13 +1,24 @@
-"""The exact scope: while it is active, ``paddle._C_ops`` routes every kernel through the registry.
+"""The exact scope: while it is active, every door into Paddle's kernels routes through the registry.
 
-Kernels registered as exact are replaced, stock-verified kernels are left alone, and every other kernel is
-guarded: their outputs carry an identity tripwire whose backward raises
-:class:`~paddlefsl.metaopt.errors.SecondOrderError` when it is itself being differentiated (that is, when Paddle
-runs it with ``create_graph=True``). In-place kernels on non-leaf tensors of the differentiated graph raise at once (writes into leaves,
-such as initializers and optimizer updates, pass).
+The doors are `paddle._C_ops` (what `paddle` and `paddle.nn.functional` call), `paddle._legacy_C_ops` (legacy
+layers such as `nn.BatchNorm(act="relu")`, `paddle.scale(act=...)`, the legacy bias add and some convolutions) and
+the Tensor operators bound in C++ (`x ** y`).
 
-The scope is reference counted. Learners hold a :class:`Lease` for each second-order task learner; when the last
-lease is released every ``paddle._C_ops`` attribute is the stock function again.
+* `paddle._C_ops`: kernels registered as exact are replaced, stock-verified kernels are left alone, and every other
+  kernel is guarded: its outputs carry an identity tripwire whose backward raises `SecondOrderError` when it is
+  itself being differentiated (when Paddle runs it with ``create_graph=True``). In-place kernels on non-leaf tensors
+  of the differentiated graph raise at once (writes into leaves, such as initializers and optimizer updates, pass).
+* `paddle._legacy_C_ops`: activations and the bias add are routed to their `paddle._C_ops` kernels (so they are
+  exact); every other legacy kernel is guarded as above.
+* Tensor operators: ``x ** y`` with a tensor exponent is routed to `paddle._C_ops.elementwise_pow`; the other
+  operators record the same grad nodes as their `paddle._C_ops` kernels.
+
+Guards only close the doors we know of. What makes a wrong meta-gradient impossible is the graph audit
+(`paddlefsl.metaopt.autodiff.audit`): `grad` below, and `paddle.grad` while the scope is active, check every grad
+node that a ``create_graph=True`` gradient will differentiate, whatever door its kernel came through.
+
+The scope is reference counted. Learners hold a `Lease` for each task learner; when the last lease is released
+every patched attribute is the stock function again.
 """
 from __future__ import annotations
 
@@ -16,17 +27,27 @@ import threading
 from typing import Any, Callable, Iterator
 
 import paddle
-from paddle import _C_ops
+import paddle.autograd
+from paddle import _C_ops, _legacy_C_ops
 from paddle.autograd import PyLayer
 
 from paddlefsl.metaopt.errors import SecondOrderError
-from paddlefsl.metaopt.autodiff import registry
+from paddlefsl.metaopt.autodiff import audit, registry
 
 OUTSIDE = "<outside the model>"
 
 _lock = threading.RLock()
 _count = 0
 _patches: dict[str, Callable] | None = None
+_legacy_patches: dict[str, Callable] | None = None
+_STOCK_GRAD = paddle.grad
+_STOCK_POW = (paddle.Tensor.__pow__, paddle.Tensor.__rpow__)
+_LEGACY = {name: getattr(_legacy_C_ops, name) for name in dir(_legacy_C_ops)
+           if not name.startswith("_") and callable(getattr(_legacy_C_ops, name))}
+# grad node of a tracked layer's output -> (forward count, depth, the layer's path), for audit errors
+_layer_outputs: dict[int, tuple[int, int, str]] = {}
+_forward_count = 0
+_MAX_LAYER_OUTPUTS = 100_000
 _layer_stack: list[str] = []
 _pending: list[SecondOrderError] = []
 
@@ -83,18 +104,19 @@ def _trip(value: Any, op: str, layer: str) -> Any:
     return value
 
 
-def _guard(name: str, fn: Callable) -> Callable:
+def _guard(name: str, fn: Callable, door: str = "") -> Callable:
     inplace = name.endswith("_")
+    label = f"{name} ({door})" if door else name
 
     def guarded(*args, **kwargs):
         if not paddle.is_grad_enabled():
             return fn(*args, **kwargs)
         if inplace:
             if _in_graph(args) or _in_graph(kwargs):
-                _raise(SecondOrderError(name, current_layer(), "is an in-place op on a tensor inside the "
+                _raise(SecondOrderError(label, current_layer(), "is an in-place op on a tensor inside the "
                                         "differentiated graph"))
             return fn(*args, **kwargs)
-        return _trip(fn(*args, **kwargs), name, current_layer())
+        return _trip(fn(*args, **kwargs), label, current_layer())
 
     guarded.__name__ = name
     guarded.__qualname__ = f"guarded.{name}"
@@ -114,17 +136,110 @@ def _build_patches() -> dict[str, Callable]:
     return patches
 
 
+# Legacy kernels with a `paddle._C_ops` twin of one tensor argument (the activations that legacy layers append).
+_LEGACY_UNARY = ("relu", "sigmoid", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "square", "silu", "sin", "cos",
+                 "reciprocal", "floor", "relu6")
+_LEGACY_FREE_ATTRS = ("use_cudnn", "use_mkldnn")
+_LEGACY_BINARY = {"elementwise_add": "add", "elementwise_sub": "subtract", "elementwise_mul": "multiply",
+                  "elementwise_div": "divide"}
+
+
+def _attrs(name: str, attrs: tuple) -> dict[str, Any]:
+    if len(attrs) % 2:
+        raise TypeError(f"paddle._legacy_C_ops.{name}: attributes must come in name/value pairs, got {attrs!r}")
+    return dict(zip(attrs[::2], attrs[1::2]))
+
+
+def _legacy_unary(name: str) -> Callable:
+    stock, guarded = _LEGACY[name], _guard(name, _LEGACY[name], "paddle._legacy_C_ops")
+
+    def routed(x, *attrs):
+        if not paddle.is_grad_enabled() or set(_attrs(name, attrs)) - set(_LEGACY_FREE_ATTRS):
+            return stock(x, *attrs) if not paddle.is_grad_enabled() else guarded(x, *attrs)
+        return getattr(_C_ops, name)(x)
+
+    routed.__name__ = name
+    return routed
+
+
+def _legacy_binary(name: str) -> Callable:
+    stock, kernel = _LEGACY[name], _LEGACY_BINARY[name]
+    guarded = _guard(name, stock, "paddle._legacy_C_ops")
+
+    def routed(x, y, *attrs):
+        settings = _attrs(name, attrs)
+        if not paddle.is_grad_enabled():
+            return stock(x, y, *attrs)
+        if set(settings) - {"axis", *_LEGACY_FREE_ATTRS}:
+            return guarded(x, y, *attrs)
+        axis = settings.get("axis", -1)
+        if axis != -1 and len(y.shape) < len(x.shape):
+            axis %= len(x.shape)
+            shape = list(y.shape) + [1] * (len(x.shape) - axis - len(y.shape))
+            y = paddle.reshape(y, shape)
+        return getattr(_C_ops, kernel)(x, y)
+
+    routed.__name__ = name
+    return routed
+
+
+def _build_legacy_patches() -> dict[str, Callable]:
+    patches: dict[str, Callable] = {}
+    for name, fn in _LEGACY.items():
+        if name in _LEGACY_UNARY and hasattr(_C_ops, name):
+            patches[name] = _legacy_unary(name)
+        elif name in _LEGACY_BINARY:
+            patches[name] = _legacy_binary(name)
+        elif not (name.endswith("_grad") or name.endswith("_grad_") or name.startswith("get_core_ops")):
+            patches[name] = _guard(name, fn, "paddle._legacy_C_ops")
+    return patches
+
+
+def _pow(x, y):
+    if isinstance(y, paddle.Tensor):
+        return paddle.pow(x, y) if y.dtype == x.dtype else _STOCK_POW[0](x, y)
+    return _STOCK_POW[0](x, y)
+
+
+def _rpow(x, y):
+    if isinstance(y, (int, float)) and not isinstance(y, bool) and x.is_floating_point():
+        return paddle.pow(paddle.full([], y, x.dtype), x)
+    return _STOCK_POW[1](x, y)
+
+
+def audited_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, only_inputs=True,
+                 allow_unused=False, no_grad_vars=None, *args, **kwargs):
+    """`paddle.grad` as installed while the exact scope is active: with ``create_graph=True`` the graph is audited
+    first (`paddlefsl.metaopt.autodiff.audit.audit`), so a gradient that could not be differentiated exactly raises
+    `SecondOrderError` instead of returning a wrong higher-order gradient. Same signature and results as
+    `paddle.grad`."""
+    if create_graph:
+        audit.audit(outputs, inputs if isinstance(inputs, (list, tuple)) else [inputs], _layer_of, OUTSIDE)
+    return _STOCK_GRAD(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs, allow_unused,
+                       no_grad_vars, *args, **kwargs)
+
+
 def _install() -> None:
-    global _patches
+    global _patches, _legacy_patches
     if _patches is None:
         _patches = _build_patches()
+        _legacy_patches = _build_legacy_patches()
     for name, fn in _patches.items():
         setattr(_C_ops, name, fn)
+    for name, fn in _legacy_patches.items():
+        setattr(_legacy_C_ops, name, fn)
+    paddle.grad = paddle.autograd.grad = audited_grad
+    paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _pow, _rpow
 
 
 def _uninstall() -> None:
     for name in _patches or ():
         setattr(_C_ops, name, registry.original(name))
+    for name in _legacy_patches or ():
+        setattr(_legacy_C_ops, name, _LEGACY[name])
+    paddle.grad = paddle.autograd.grad = _STOCK_GRAD
+    paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _STOCK_POW
+    _layer_outputs.clear()
 
 
 def is_active() -> bool:
@@ -194,15 +309,18 @@ def track_layers(model: paddle.nn.Layer) -> list[Any]:
 
 
 def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool) -> list[paddle.Tensor | None]:
-    """``paddle.grad(output, inputs, allow_unused=True)`` that re-raises a :class:`SecondOrderError` met inside
-    Paddle's backward as itself (Paddle wraps exceptions raised in a backward).
+    """``paddle.grad(output, inputs, allow_unused=True)``, audited first when ``create_graph`` is set, that re-raises
+    a `SecondOrderError` met inside Paddle's backward as itself (Paddle wraps exceptions raised in a backward).
 
     Raises:
-        SecondOrderError: if a guarded op was differentiated with ``create_graph=True``.
+        SecondOrderError: if a node of the graph cannot be differentiated again exactly (the audit), or a guarded
+            op was differentiated with ``create_graph=True``.
     """
     take_error()
+    if create_graph:
+        audit.audit(output, inputs, _layer_of, OUTSIDE)
     try:
-        return list(paddle.grad(output, inputs, create_graph=create_graph, allow_unused=True))
+        return list(_STOCK_GRAD(output, inputs, create_graph=create_graph, allow_unused=True))
     except SecondOrderError:
         raise
     except Exception:
@@ -212,13 +330,34 @@ def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool)
         raise
 
 
+def _layer_of(ptr: int) -> str | None:
+    """The innermost tracked layer whose output is the grad node ``ptr`` (for audit errors), or None."""
+    entry = _layer_outputs.get(ptr)
+    return entry[2] if entry is not None else None
+
+
 def _push(label: str) -> Callable:
     def hook(layer, inputs):
+        global _forward_count
+        if not _layer_stack:
+            _forward_count += 1
         _layer_stack.append(label)
 
     return hook
 
 
 def _pop(layer, inputs, outputs):
-    if _layer_stack:
-        _layer_stack.pop()
+    if not _layer_stack:
+        return
+    label = _layer_stack.pop()
+    if len(_layer_outputs) > _MAX_LAYER_OUTPUTS:
+        _layer_outputs.clear()
+    # The innermost layer names a node: an outer layer returning the same output keeps the inner label (the
+    # outer hook runs later at a smaller depth); a node pointer reused by a later forward is overwritten.
+    for out in outputs if isinstance(outputs, (list, tuple)) else (outputs,):
+        node = out.grad_fn if isinstance(out, paddle.Tensor) and not out.stop_gradient else None
+        if node is not None:
+            ptr, depth = node.node_ptr(), len(_layer_stack)
+            known = _layer_outputs.get(ptr)
+            if known is None or known[0] != _forward_count or known[1] <= depth:
+                _layer_outputs[ptr] = (_forward_count, depth, label)

@@ -15,22 +15,28 @@ import paddle
 from paddle.autograd import PyLayer
 
 from paddlefsl.metaopt.autodiff.common import apply_rule, lean_shape, pointwise
-from paddlefsl.metaopt.autodiff.registry import exact, original, stock
+from paddlefsl.metaopt.autodiff.registry import exact, original, stock, verified, verified_operator_node
 
-stock(["scale", "pow", "square", "sqrt", "log", "abs", "maximum",
-       "minimum", "clip", "where", "cast", "assign", "sign", "sin", "cos", "rsqrt"],
-      "tensor", "elementwise; Paddle's double gradient, checked against finite differences")
-stock(["sum"], "tensor", "reduction; Paddle's double gradient, checked against finite differences")
-stock(["reshape", "transpose", "squeeze", "unsqueeze", "concat", "stack", "split", "split_with_num", "slice",
-       "gather", "gather_nd", "index_select", "expand", "tile", "full_like", "take_along_axis", "flip", "unbind"],
-      "tensor", "shape or indexing (linear); Paddle's double gradient, checked against finite differences")
-stock(["pad", "pad3d"], "tensor", "F.pad (constant, reflect, replicate); Paddle's double gradient, checked against "
-      "finite differences")
-stock(["repeat_interleave", "index_add", "masked_select"], "tensor", "indexing (linear); Paddle's double gradient, "
-      "checked against finite differences")
+_CHECKED = "Paddle's double gradient, checked against finite differences"
+_CHECKED3 = "Paddle's second and third derivatives, checked against finite differences"
+stock(["scale", "sqrt", "log", "abs", "maximum", "minimum", "clip", "cast", "assign", "sign", "sin", "cos", "rsqrt"],
+      "tensor", "elementwise; " + _CHECKED)
+stock(["pow", "where"], "tensor", "elementwise; " + _CHECKED3, order=3)
+stock(["sum"], "tensor", "reduction; " + _CHECKED3, order=3)
+stock(["transpose", "unsqueeze", "concat", "split", "split_with_num", "gather", "index_select", "expand", "tile",
+       "full_like", "take_along_axis", "flip", "unbind"], "tensor", "shape or indexing (linear); " + _CHECKED)
+stock(["reshape", "squeeze", "stack", "slice", "gather_nd"], "tensor", "shape or indexing (linear); " + _CHECKED3,
+      order=3)
+stock(["pad", "pad3d"], "tensor", "F.pad (constant, reflect, replicate); " + _CHECKED)
+stock(["repeat_interleave", "index_add", "masked_select"], "tensor", "indexing (linear); " + _CHECKED)
 stock(["zeros_like", "ones_like"], "tensor", "constant output, no gradient")
-stock(["matmul", "bmm", "linear"], "linalg", "Paddle's double gradient (transpose flags included), checked "
-      "against finite differences")
+stock(["bmm", "linear"], "linalg", "Paddle's double gradient (transpose flags included), checked against finite "
+      "differences")
+stock(["matmul"], "linalg", _CHECKED3 + " (transpose flags included)", order=3)
+verified(["add", "subtract", "multiply"], 3)
+verified(["divide"], 2)
+verified_operator_node("DivScaleGradNode", "`x / c` for a Python number c (Tensor operator bound in C++); "
+                       "checked against finite differences at second order")
 
 
 # ------------------------------------------------------------------------------------------------ arithmetic
@@ -70,6 +76,12 @@ def mean(x, axis=None, keepdim=False, out=None, **kwargs):
         return original("mean")(x, axis, keepdim, **kwargs)
     total = original("sum")(x, axis, None, keepdim)
     return original("scale")(total, math.prod(total.shape) / math.prod(x.shape), 0.0, True)
+
+
+@exact("square", "tensor", "composite: x * x (Paddle's square has no third derivative; multiply's is verified)")
+def square(x, out=None, **kwargs):
+    """``paddle._C_ops.square`` as ``multiply(x, x)``: the same values, derivatives exact to third order."""
+    return original("multiply")(x, x)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
