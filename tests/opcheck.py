@@ -83,3 +83,26 @@ def check_second_order(f: Callable, arrays: Sequence[np.ndarray], wrt: Sequence[
     for i, g, w in zip(wrt, got, want):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * max(1.0, scale),
                                    err_msg=f"second-order gradient of input {i} differs from finite differences")
+
+
+def check_third_order(f: Callable, arrays: list[np.ndarray], i: int = 0, eps: float = 1e-5) -> None:
+    """Assert d/dx_i <v, H(x) v> (third order, through the scope) matches finite differences of the scope's
+    Hessian-vector products, which the second-order tests validate."""
+    v = np.random.default_rng(2).standard_normal(arrays[i].shape)
+    with exact_ops():
+        ts = [paddle.to_tensor(a) for a in arrays]
+        ts[i].stop_gradient = False
+        (g,) = paddle.grad(f(*ts), [ts[i]], create_graph=True)
+        (h,) = paddle.grad((g * paddle.to_tensor(v)).sum(), [ts[i]], create_graph=True)
+        (t,) = paddle.grad((h * paddle.to_tensor(v)).sum(), [ts[i]])
+    want = np.zeros_like(arrays[i])
+    for idx in np.ndindex(arrays[i].shape):
+        vals = []
+        for sign in (1.0, -1.0):
+            shifted = [a.copy() for a in arrays]
+            shifted[i][idx] += sign * eps
+            (hv,) = hvp_autograd(f, shifted, [i], [v])
+            vals.append(float((hv * v).sum()))
+        want[idx] = (vals[0] - vals[1]) / (2 * eps)
+    assert np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(t.numpy(), want, rtol=1e-5, atol=1e-7 * max(1.0, np.abs(want).max()))

@@ -141,21 +141,23 @@ def _refuse(name: str, where: str) -> SecondOrderError:
         reason = (f"is a PyLayer that paddlefsl does not know (grad node {name!r}); if its backward is written in "
                   "differentiable Paddle ops, declare it with paddlefsl.metaopt.autodiff.audit.exact_pylayer")
         return SecondOrderError(op, where, reason)
-    nth = {1: "second", 2: "third", 3: "fourth"}.get(order + 1, f"order-{order + 1}")
+    nth = {2: "second", 3: "third", 4: "fourth"}.get(order + 1, f"order-{order + 1}")
     reason = (f"reached through {door} has no {nth}-order gradient verified exact in paddlefsl (grad node "
               f"{name!r} would be differentiated again)")
     return SecondOrderError(op, where, reason)
 
 
 def audit(outputs: paddle.Tensor | Sequence[paddle.Tensor], inputs: Sequence[paddle.Tensor],
-          layer_of: Callable[[int], str | None] | None = None, where: str = "<unknown layer>") -> int:
+          layer_of: Callable[[int], tuple[Sequence[str], Sequence[str]]] | None = None,
+          where: str = "<unknown layer>") -> int:
     """Check that a gradient of ``outputs`` with respect to ``inputs`` may be taken with ``create_graph=True``.
 
     Args:
         outputs: the tensor(s) to differentiate.
         inputs: the tensors to differentiate with respect to; the walk stops at them.
-        layer_of: maps a grad node's pointer to the path of the layer that output it (or None); the error names
-            the nearest such layer at or above the refused node.
+        layer_of: maps a grad node's pointer to ``(outputs, inputs)``: the paths of the layers that output it,
+            innermost first, and of the layers that took it as input; the error names the innermost layer that
+            output a node at or above the refused one without having taken a node on the way as its input.
         where: the label for the error when no layer is found that way.
 
     Returns:
@@ -198,22 +200,28 @@ def audit(outputs: paddle.Tensor | Sequence[paddle.Tensor], inputs: Sequence[pad
     guarded = {c.node_ptr() for ptr, name in names.items() if name == _TRIPWIRE for c in children.get(ptr, ())}
     for ptr, name in names.items():
         if reaches.get(ptr) and name not in allowed and name != _TRIPWIRE and ptr not in guarded:
-            raise _refuse(name, _locate(ptr, children, layer_of or (lambda ptr: None), where))
+            if node_op(name)[1] > 1:  # recorded by an earlier gradient: no forward layer ran it
+                raise _refuse(name, "<the graph recorded by an earlier create_graph=True gradient>")
+            raise _refuse(name, _locate(ptr, children, layer_of or (lambda ptr: ((), ())), where))
     return len(names)
 
 
-def _locate(bad: int, children: Mapping[int, list], layer_of: Callable[[int], str | None], where: str) -> str:
-    """The layer of the nearest labelled node at or above ``bad`` (towards the outputs)."""
+def _locate(bad: int, children: Mapping[int, list], layer_of: Callable[[int], tuple[Sequence[str], Sequence[str]]],
+            where: str) -> str:
+    """The innermost layer that contains node ``bad``: walking towards the outputs, the first layer output met whose
+    layer did not take a node on the way as its input."""
     parents: dict[int, list[int]] = {}
     for ptr, kids in children.items():
         for kid in kids:
             parents.setdefault(kid.node_ptr(), []).append(ptr)
-    frontier, seen = [bad], {bad}
+    frontier, seen, entered = [bad], {bad}, set()
     while frontier:
         for ptr in frontier:
-            layer = layer_of(ptr)
-            if layer is not None:
-                return layer
+            entered.update(layer_of(ptr)[1])
+        for ptr in frontier:
+            for label in layer_of(ptr)[0]:
+                if label not in entered:
+                    return label
         frontier = [p for ptr in frontier for p in parents.get(ptr, ()) if p not in seen]
         seen.update(frontier)
     return where

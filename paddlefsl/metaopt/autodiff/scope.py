@@ -44,10 +44,11 @@ _STOCK_GRAD = paddle.grad
 _STOCK_POW = (paddle.Tensor.__pow__, paddle.Tensor.__rpow__)
 _LEGACY = {name: getattr(_legacy_C_ops, name) for name in dir(_legacy_C_ops)
            if not name.startswith("_") and callable(getattr(_legacy_C_ops, name))}
-# grad node of a tracked layer's output -> (forward count, depth, the layer's path), for audit errors
-_layer_outputs: dict[int, tuple[int, int, str]] = {}
-_forward_count = 0
-_MAX_LAYER_OUTPUTS = 100_000
+# For audit errors: grad-node pointer -> the tracked layers (paths) that output it, innermost first, and that took it
+# as input, during the current outermost forward.
+_layer_outputs: dict[int, list[str]] = {}
+_layer_inputs: dict[int, list[str]] = {}
+_MAX_LAYER_NODES = 100_000
 _layer_stack: list[str] = []
 _pending: list[SecondOrderError] = []
 
@@ -240,6 +241,7 @@ def _uninstall() -> None:
     paddle.grad = paddle.autograd.grad = _STOCK_GRAD
     paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _STOCK_POW
     _layer_outputs.clear()
+    _layer_inputs.clear()
 
 
 def is_active() -> bool:
@@ -330,34 +332,33 @@ def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool)
         raise
 
 
-def _layer_of(ptr: int) -> str | None:
-    """The innermost tracked layer whose output is the grad node ``ptr`` (for audit errors), or None."""
-    entry = _layer_outputs.get(ptr)
-    return entry[2] if entry is not None else None
+def _layer_of(ptr: int) -> tuple[list[str], list[str]]:
+    """The tracked layers that output the grad node ``ptr`` (innermost first) and that took it as input."""
+    return _layer_outputs.get(ptr, []), _layer_inputs.get(ptr, [])
+
+
+def _record(table: dict[int, list[str]], values: Any, label: str) -> None:
+    if len(table) > _MAX_LAYER_NODES:
+        table.clear()
+    for value in values if isinstance(values, (list, tuple)) else (values,):
+        node = value.grad_fn if isinstance(value, paddle.Tensor) and not value.stop_gradient else None
+        if node is not None:
+            labels = table.setdefault(node.node_ptr(), [])
+            if label not in labels:
+                labels.append(label)
 
 
 def _push(label: str) -> Callable:
     def hook(layer, inputs):
-        global _forward_count
         if not _layer_stack:
-            _forward_count += 1
+            _layer_outputs.clear()  # a new outermost forward: node pointers of earlier ones may be reused
+            _layer_inputs.clear()
         _layer_stack.append(label)
+        _record(_layer_inputs, inputs, label)
 
     return hook
 
 
 def _pop(layer, inputs, outputs):
-    if not _layer_stack:
-        return
-    label = _layer_stack.pop()
-    if len(_layer_outputs) > _MAX_LAYER_OUTPUTS:
-        _layer_outputs.clear()
-    # The innermost layer names a node: an outer layer returning the same output keeps the inner label (the
-    # outer hook runs later at a smaller depth); a node pointer reused by a later forward is overwritten.
-    for out in outputs if isinstance(outputs, (list, tuple)) else (outputs,):
-        node = out.grad_fn if isinstance(out, paddle.Tensor) and not out.stop_gradient else None
-        if node is not None:
-            ptr, depth = node.node_ptr(), len(_layer_stack)
-            known = _layer_outputs.get(ptr)
-            if known is None or known[0] != _forward_count or known[1] <= depth:
-                _layer_outputs[ptr] = (_forward_count, depth, label)
+    if _layer_stack:
+        _record(_layer_outputs, outputs, _layer_stack.pop())

@@ -13,7 +13,7 @@ from paddle import _C_ops
 
 from paddlefsl.metaopt.autodiff import exact_ops, registry
 from paddlefsl.metaopt.errors import SecondOrderError
-from tests.opcheck import check_second_order, hvp_autograd
+from tests.opcheck import check_second_order, check_third_order, hvp_autograd
 
 paddle.set_default_dtype("float64")
 _rng = np.random.default_rng(7)
@@ -302,29 +302,6 @@ def test_lerp_weight_gradient_is_exact_too() -> None:
         (gw,) = paddle.grad((paddle.lerp(x, y, w) ** 2).sum(), [w])
     want = (2 * (x + w * (y - x)) * (y - x)).numpy()
     np.testing.assert_allclose(gw.numpy(), want, rtol=1e-12)
-
-
-def check_third_order(f: Callable, arrays: list[np.ndarray], i: int = 0, eps: float = 1e-5) -> None:
-    """Assert d/dx_i <v, H(x) v> (third order, through the scope) matches finite differences of the scope's
-    Hessian-vector products, which the second-order tests validate."""
-    v = np.random.default_rng(2).standard_normal(arrays[i].shape)
-    with exact_ops():
-        ts = [paddle.to_tensor(a) for a in arrays]
-        ts[i].stop_gradient = False
-        (g,) = paddle.grad(f(*ts), [ts[i]], create_graph=True)
-        (h,) = paddle.grad((g * paddle.to_tensor(v)).sum(), [ts[i]], create_graph=True)
-        (t,) = paddle.grad((h * paddle.to_tensor(v)).sum(), [ts[i]])
-    want = np.zeros_like(arrays[i])
-    for idx in np.ndindex(arrays[i].shape):
-        vals = []
-        for sign in (1.0, -1.0):
-            shifted = [a.copy() for a in arrays]
-            shifted[i][idx] += sign * eps
-            (hv,) = hvp_autograd(f, shifted, [i], [v])
-            vals.append(float((hv * v).sum()))
-        want[idx] = (vals[0] - vals[1]) / (2 * eps)
-    assert np.abs(want).max() > 1e-4
-    np.testing.assert_allclose(t.numpy(), want, rtol=1e-5, atol=1e-7 * max(1.0, np.abs(want).max()))
 
 
 @pytest.mark.parametrize("case", ["cumsum", "max", "p_norm", "p_norm_p3", "p_norm_zero_row", "einsum_attention", "dot",
