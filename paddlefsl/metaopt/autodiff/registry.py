@@ -1,9 +1,9 @@
 """The registry: one record per Paddle kernel saying how it is differentiated at higher orders.
 
 Every kernel that ``paddle.nn.functional`` and ``paddle`` reach through ``paddle._C_ops`` has one of three
-statuses while the exact scope is active (see :mod:`paddlefsl.metaopt.autodiff.scope`):
+statuses while the exact scope is active (see `paddlefsl.metaopt.autodiff.scope`):
 
-* ``exact``: a replacement registered here with :func:`exact`; its backward is written in differentiable
+* ``exact``: a replacement registered here with `exact`; its backward is written in differentiable
   Paddle ops, so its gradients are exact at every order.
 * ``stock``: Paddle's own double gradient was checked against finite differences and is exact; the kernel is
   left untouched.
@@ -90,8 +90,11 @@ def exact(name: str, family: str, note: str = "") -> Callable[[Callable], Callab
         A decorator that registers the function and returns it unchanged.
 
     Example:
-        >>> @exact("tanh", "activation")          # doctest: +SKIP
-        ... def tanh(x): return _Tanh.apply(x)
+        ```python
+        @exact("tanh", "activation")
+        def tanh(x, out=None, **kwargs):
+            return _Tanh.apply(x)  # a PyLayer whose backward is written in differentiable ops
+        ```
     """
 
     def decorate(fn: Callable) -> Callable:

@@ -59,7 +59,7 @@ def current_layer() -> str:
 
 
 def take_error() -> SecondOrderError | None:
-    """Return and forget the last :class:`SecondOrderError` raised inside Paddle's backward, if any."""
+    """Return and forget the last `SecondOrderError` raised inside Paddle's backward, if any."""
     with _lock:
         err = _pending[-1] if _pending else None
         _pending.clear()
@@ -252,7 +252,7 @@ def is_active() -> bool:
 class Lease:
     """A hold on the exact scope. Releasing the last lease makes Paddle stock again.
 
-    A lease is released by :meth:`release` or when it is garbage-collected, whichever comes first.
+    A lease is released by `release` or when it is garbage-collected, whichever comes first.
     """
 
     def __init__(self) -> None:
@@ -283,8 +283,12 @@ def exact_ops() -> Iterator[None]:
     """Activate the exact scope for the body of a ``with`` block.
 
     Example:
-        >>> with exact_ops():                       # doctest: +SKIP
-        ...     g, = paddle.grad(loss, w, create_graph=True)
+        ```python
+        w = paddle.to_tensor([0.5, 1.0], stop_gradient=False)
+        with exact_ops():
+            g, = paddle.grad(paddle.nn.functional.softmax(w).max(), w, create_graph=True)
+            h, = paddle.grad((g * g).sum(), w)  # exact second derivative (stock Paddle raises for softmax)
+        ```
     """
     lease = Lease()
     try:

@@ -5,7 +5,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
-from paddle import _C_ops, nn
+from paddle import _C_ops, _legacy_C_ops, nn
 from paddle.base import core
 
 from paddlefsl.metaopt import MAML, exact_ops
@@ -13,9 +13,13 @@ from paddlefsl.metaopt.autodiff import is_active, registry
 
 
 def _public_functions():
-    spaces = {"_C_ops": _C_ops, "F": F, "paddle": paddle, "Tensor": paddle.Tensor}
-    return {(space, name): getattr(obj, name) for space, obj in spaces.items() for name in dir(obj)
-            if not name.startswith("__") and callable(getattr(obj, name, None))}
+    spaces = {"_C_ops": _C_ops, "_legacy_C_ops": _legacy_C_ops, "F": F, "paddle": paddle, "Tensor": paddle.Tensor,
+              "autograd": paddle.autograd}
+    functions = {(space, name): getattr(obj, name) for space, obj in spaces.items() for name in dir(obj)
+                 if not name.startswith("__") and callable(getattr(obj, name, None))}
+    operators = {("Tensor", name): getattr(paddle.Tensor, name) for name in dir(paddle.Tensor)
+                 if name.startswith("__") and callable(getattr(paddle.Tensor, name, None))}
+    return {**functions, **operators}
 
 
 def _flags():
@@ -75,6 +79,15 @@ def test_stock_again_after_an_error_inside_the_scope():
         with exact_ops():
             raise RuntimeError("boom")
     assert not is_active() and _public_functions() == functions
+
+
+def test_every_door_is_patched_inside_the_scope():
+    stock = _public_functions()
+    with exact_ops():
+        inside = _public_functions()
+    changed = {key for key in stock if inside[key] is not stock[key]}
+    assert {("_C_ops", "conv2d"), ("_legacy_C_ops", "relu"), ("_legacy_C_ops", "elementwise_add"),
+            ("paddle", "grad"), ("autograd", "grad"), ("Tensor", "__pow__"), ("Tensor", "__rpow__")} <= changed
 
 
 def test_nested_scopes_release_only_at_the_outermost():
