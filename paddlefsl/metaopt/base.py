@@ -231,7 +231,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         """Gradients of ``loss`` w.r.t. ``params`` with every check the inner loop needs."""
         where = f"adapt step {self._adapt_steps + 1}"
         check_scalar_loss(loss, where)
-        grads = scope.grad(loss, list(params), create_graph=not first_order)
+        grads = scope.grad(loss, list(params), create_graph=not first_order, model=self, step=self._adapt_steps)
         if all(g is None for g in grads):
             raise ValueError(f"{where}: loss is not connected to the task model's parameters {list(names)}")
         unused = [name for name, g in zip(names, grads) if g is None]

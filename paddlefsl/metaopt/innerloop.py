@@ -197,7 +197,8 @@ class DifferentiableOptimizer:
         step = self.fmodel.time + 1
         check_scalar_loss(loss, f"diffopt.step (step {step})")
         params = self.fmodel.parameters()
-        grads = scope.grad(loss, params, create_graph=self.track_higher_grads)
+        grads = scope.grad(loss, params, create_graph=self.track_higher_grads, model=self.fmodel.module,
+                           step=step)
         grads = [None if g is None else (g if self.track_higher_grads else g.detach()) for g in grads]
         if all(g is None for g in grads):
             raise ValueError(f"diffopt.step (step {step}): loss reaches none of the fast weights {self.fmodel.names}")

@@ -22,7 +22,7 @@ between the loss and the parameters of one inner step (measured figures are in `
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import paddle
 from paddle.autograd import PyLayer
@@ -30,7 +30,7 @@ from paddle.autograd import PyLayer
 from paddlefsl.metaopt.autodiff import registry
 from paddlefsl.metaopt.errors import SecondOrderError
 
-__all__ = ["audit", "differentiable_nodes", "exact_pylayer", "node_op"]
+__all__ = ["audit", "audit_once", "differentiable_nodes", "exact_pylayer", "node_op", "signature"]
 
 _LEVELS = ("", "Double", "Triple")
 _TRUSTED_MODULES = ("paddlefsl.metaopt.autodiff", "paddlefsl.metaopt.kernels")
@@ -147,18 +147,57 @@ def _refuse(name: str, where: str) -> SecondOrderError:
     return SecondOrderError(op, where, reason)
 
 
+def _node(tensor: paddle.Tensor):
+    """The grad node that produced ``tensor`` (a leaf's accumulation node), read through a throw-away consumer.
+
+    ``tensor.grad_fn`` caches its wrapper on the tensor, and the wrapper keeps the node alive: when the node (a
+    PyLayer's context, say) holds the tensor in turn, that cycle is never freed. The consumer (``scale``, whose grad
+    node saves no tensor) goes away with its wrapper.
+    """
+    probe = registry.original("scale")(tensor, 1.0, 0.0, True)
+    node = probe.grad_fn
+    return node.next_functions[0] if node is not None else None
+
+
+def signature(outputs: paddle.Tensor | Sequence[paddle.Tensor], inputs: Sequence[paddle.Tensor],
+              caller: object) -> tuple:
+    """The key under which `audit_once` remembers a graph: the calling code, the inputs' and outputs' shapes and
+    dtypes."""
+    outputs = [outputs] if isinstance(outputs, paddle.Tensor) else list(outputs)
+    return caller, tuple((tuple(t.shape), str(t.dtype)) for t in [*outputs, *inputs] if isinstance(t, paddle.Tensor))
+
+
+_audited: set[tuple] = set()
+
+
+def audit_once(outputs: paddle.Tensor | Sequence[paddle.Tensor], inputs: Sequence[paddle.Tensor], key: tuple,
+               where: str = "<outside the model>") -> int:
+    """`audit`, once per ``key`` (see `signature`) in this process: later graphs of the same key are not walked.
+
+    Paddle 3.3 never frees a grad node once Python has seen it (`Tensor.grad_fn` and `next_functions` return
+    wrappers that keep their node, and what it saved, alive for good), so walking every graph of a training loop
+    would leak a little memory at every inner step. A training loop builds the same graph for the same code and
+    shapes, so the first one of each key is audited; the doors' guards (which leak nothing) check every call.
+
+    Returns:
+        The number of grad nodes checked (0 when ``key`` was audited before).
+    """
+    if key in _audited:
+        return 0
+    nodes = audit(outputs, inputs, where)
+    _audited.add(key)
+    return nodes
+
+
 def audit(outputs: paddle.Tensor | Sequence[paddle.Tensor], inputs: Sequence[paddle.Tensor],
-          layer_of: Callable[[int], tuple[Sequence[str], Sequence[str]]] | None = None,
-          where: str = "<unknown layer>") -> int:
+          where: str = "<outside the model>") -> int:
     """Check that a gradient of ``outputs`` with respect to ``inputs`` may be taken with ``create_graph=True``.
 
     Args:
         outputs: the tensor(s) to differentiate.
         inputs: the tensors to differentiate with respect to; the walk stops at them.
-        layer_of: maps a grad node's pointer to ``(outputs, inputs)``: the paths of the layers that output it,
-            innermost first, and of the layers that took it as input; the error names the innermost layer that
-            output a node at or above the refused one without having taken a node on the way as its input.
-        where: the label for the error when no layer is found that way.
+        where: the layer named in the error (the doors' guards name layers; a node reached through no guarded
+            door carries no layer).
 
     Returns:
         The number of grad nodes checked.
@@ -169,15 +208,15 @@ def audit(outputs: paddle.Tensor | Sequence[paddle.Tensor], inputs: Sequence[pad
     """
     outputs = [outputs] if isinstance(outputs, paddle.Tensor) else list(outputs)
     allowed = differentiable_nodes()
-    stops = {t.grad_fn.node_ptr() for t in inputs if isinstance(t, paddle.Tensor) and t.grad_fn is not None}
+    with paddle.set_grad_enabled(True):
+        stops = {node.node_ptr() for node in (_node(t) for t in inputs
+                                               if isinstance(t, paddle.Tensor) and not t.stop_gradient)
+                 if node is not None}
+        roots = [_node(t) for t in outputs if isinstance(t, paddle.Tensor) and not t.stop_gradient]
     reaches: dict[int, bool] = {}
     names: dict[int, str] = {}
     children: dict[int, list] = {}
-    stack = []
-    for out in outputs:
-        node = out.grad_fn if isinstance(out, paddle.Tensor) else None
-        if node is not None:
-            stack.append((node, False))
+    stack = [(node, False) for node in roots if node is not None]
     while stack:
         node, expanded = stack.pop()
         ptr = node.node_ptr()
@@ -202,26 +241,5 @@ def audit(outputs: paddle.Tensor | Sequence[paddle.Tensor], inputs: Sequence[pad
         if reaches.get(ptr) and name not in allowed and name != _TRIPWIRE and ptr not in guarded:
             if node_op(name)[1] > 1:  # recorded by an earlier gradient: no forward layer ran it
                 raise _refuse(name, "<the graph recorded by an earlier create_graph=True gradient>")
-            raise _refuse(name, _locate(ptr, children, layer_of or (lambda ptr: ((), ())), where))
+            raise _refuse(name, where)
     return len(names)
-
-
-def _locate(bad: int, children: Mapping[int, list], layer_of: Callable[[int], tuple[Sequence[str], Sequence[str]]],
-            where: str) -> str:
-    """The innermost layer that contains node ``bad``: walking towards the outputs, the first layer output met whose
-    layer did not take a node on the way as its input."""
-    parents: dict[int, list[int]] = {}
-    for ptr, kids in children.items():
-        for kid in kids:
-            parents.setdefault(kid.node_ptr(), []).append(ptr)
-    frontier, seen, entered = [bad], {bad}, set()
-    while frontier:
-        for ptr in frontier:
-            entered.update(layer_of(ptr)[1])
-        for ptr in frontier:
-            for label in layer_of(ptr)[0]:
-                if label not in entered:
-                    return label
-        frontier = [p for ptr in frontier for p in parents.get(ptr, ()) if p not in seen]
-        seen.update(frontier)
-    return where

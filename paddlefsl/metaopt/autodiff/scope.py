@@ -23,6 +23,7 @@ every patched attribute is the stock function again.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from typing import Any, Callable, Iterator
 
@@ -35,6 +36,7 @@ from paddlefsl.metaopt.errors import SecondOrderError
 from paddlefsl.metaopt.autodiff import audit, registry
 
 OUTSIDE = "<outside the model>"
+UNTRACED = "<unknown (a door paddlefsl does not guard)>"
 
 _lock = threading.RLock()
 _count = 0
@@ -44,11 +46,6 @@ _STOCK_GRAD = paddle.grad
 _STOCK_POW = (paddle.Tensor.__pow__, paddle.Tensor.__rpow__)
 _LEGACY = {name: getattr(_legacy_C_ops, name) for name in dir(_legacy_C_ops)
            if not name.startswith("_") and callable(getattr(_legacy_C_ops, name))}
-# For audit errors: grad-node pointer -> the tracked layers (paths) that output it, innermost first, and that took it
-# as input, during the current outermost forward.
-_layer_outputs: dict[int, list[str]] = {}
-_layer_inputs: dict[int, list[str]] = {}
-_MAX_LAYER_NODES = 100_000
 _layer_stack: list[str] = []
 _pending: list[SecondOrderError] = []
 
@@ -215,7 +212,10 @@ def audited_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_g
     `SecondOrderError` instead of returning a wrong higher-order gradient. Same signature and results as
     `paddle.grad`."""
     if create_graph:
-        audit.audit(outputs, inputs if isinstance(inputs, (list, tuple)) else [inputs], _layer_of, OUTSIDE)
+        inputs_ = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        frame = sys._getframe(1)
+        caller = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        audit.audit_once(outputs, inputs_, audit.signature(outputs, inputs_, caller), UNTRACED)
     return _STOCK_GRAD(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs, allow_unused,
                        no_grad_vars, *args, **kwargs)
 
@@ -240,8 +240,6 @@ def _uninstall() -> None:
         setattr(_legacy_C_ops, name, _LEGACY[name])
     paddle.grad = paddle.autograd.grad = _STOCK_GRAD
     paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _STOCK_POW
-    _layer_outputs.clear()
-    _layer_inputs.clear()
 
 
 def is_active() -> bool:
@@ -314,9 +312,18 @@ def track_layers(model: paddle.nn.Layer) -> list[Any]:
     return handles
 
 
-def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool) -> list[paddle.Tensor | None]:
+def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool,
+         model: paddle.nn.Layer | None = None, step: int = 0) -> list[paddle.Tensor | None]:
     """``paddle.grad(output, inputs, allow_unused=True)``, audited first when ``create_graph`` is set, that re-raises
     a `SecondOrderError` met inside Paddle's backward as itself (Paddle wraps exceptions raised in a backward).
+
+    Args:
+        output: the scalar to differentiate.
+        inputs: the tensors to differentiate with respect to.
+        create_graph: record the gradient's graph (and audit the graph first, once per model structure, step and
+            shapes: see `paddlefsl.metaopt.autodiff.audit.audit_once`).
+        model: the model whose forward built ``output``; its layer types key the audit.
+        step: the inner step, also part of the audit's key.
 
     Raises:
         SecondOrderError: if a node of the graph cannot be differentiated again exactly (the audit), or a guarded
@@ -324,7 +331,10 @@ def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool)
     """
     take_error()
     if create_graph:
-        audit.audit(output, inputs, _layer_of, OUTSIDE)
+        frame = sys._getframe(1)
+        caller = (f"{frame.f_code.co_filename}:{frame.f_lineno}", step,
+                  tuple(type(layer).__qualname__ for layer in model.sublayers(include_self=True)) if model else ())
+        audit.audit_once(output, inputs, audit.signature(output, inputs, caller), UNTRACED)
     try:
         return list(_STOCK_GRAD(output, inputs, create_graph=create_graph, allow_unused=True))
     except SecondOrderError:
@@ -336,33 +346,13 @@ def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool)
         raise
 
 
-def _layer_of(ptr: int) -> tuple[list[str], list[str]]:
-    """The tracked layers that output the grad node ``ptr`` (innermost first) and that took it as input."""
-    return _layer_outputs.get(ptr, []), _layer_inputs.get(ptr, [])
-
-
-def _record(table: dict[int, list[str]], values: Any, label: str) -> None:
-    if len(table) > _MAX_LAYER_NODES:
-        table.clear()
-    for value in values if isinstance(values, (list, tuple)) else (values,):
-        node = value.grad_fn if isinstance(value, paddle.Tensor) and not value.stop_gradient else None
-        if node is not None:
-            labels = table.setdefault(node.node_ptr(), [])
-            if label not in labels:
-                labels.append(label)
-
-
 def _push(label: str) -> Callable:
     def hook(layer, inputs):
-        if not _layer_stack:
-            _layer_outputs.clear()  # a new outermost forward: node pointers of earlier ones may be reused
-            _layer_inputs.clear()
         _layer_stack.append(label)
-        _record(_layer_inputs, inputs, label)
 
     return hook
 
 
 def _pop(layer, inputs, outputs):
     if _layer_stack:
-        _record(_layer_outputs, outputs, _layer_stack.pop())
+        _layer_stack.pop()

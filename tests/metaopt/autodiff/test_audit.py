@@ -322,3 +322,34 @@ def test_maml_third_order_through_an_unverified_kernel_raises_our_error():
     paddle.grad(query, list(model.parameters()), retain_graph=True)  # the meta-gradient (second order): fine
     with pytest.raises(SecondOrderError, match="'softplus'.*earlier create_graph=True gradient.*third-order"):
         paddle.grad(query, list(model.parameters()), create_graph=True)
+
+
+# ------------------------------------------------------------------------------------------- once per graph key
+def test_the_audit_walks_each_graph_key_once_and_then_leaks_nothing(monkeypatch):
+    """Paddle 3.3 keeps every grad node Python has seen alive: the audit walks the first graph of each key (model
+    structure, step, shapes) and no later one, so a training loop's memory stays flat."""
+    walked = []
+    real = audit.audit
+    monkeypatch.setattr(audit, "audit", lambda *a, **k: walked.append(1) or real(*a, **k))
+    monkeypatch.setattr(audit, "_audited", set())
+    paddle.seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = _task((6, 4))
+    learner = MAML(model, 0.1)
+    for _ in range(3):
+        task = learner.clone()
+        for _ in range(2):
+            task.adapt(F.cross_entropy(task(x), y))
+        F.cross_entropy(task(x), y).backward()
+    assert len(walked) == 2  # one per inner step, then never again
+    other = MAML(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)), 0.1).clone()
+    other.adapt(F.cross_entropy(other(x), y))  # another structure: audited
+    assert len(walked) == 3
+
+
+def test_a_refused_graph_is_refused_again():
+    paddle.seed(0)
+    x, y = _task((6, 4))
+    for _ in range(2):
+        with pytest.raises(SecondOrderError, match="reluGradNodeCompat"):
+            _meta_loss(UnguardedLegacyRelu(), x, y)
