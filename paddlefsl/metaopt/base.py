@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import paddle
 from paddle import nn
 
-from paddlefsl.metaopt.autodiff import scope
+from paddlefsl.metaopt.autodiff import released, scope
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model
 
 BATCH_NORM_MODES = ("batch", "running", "shared")
@@ -189,6 +189,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         task._adapt_steps = 0
         task._clones_since_step = 0
         task._lease = scope.Lease()
+        task._released_mark = self._released_mark if self._meta is not None else released.mark()
         for name, layer in layers.items():
             setattr(task, name, layer)
         return task
@@ -231,6 +232,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         """Gradients of ``loss`` w.r.t. ``params`` with every check the inner loop needs."""
         where = f"adapt step {self._adapt_steps + 1}"
         check_scalar_loss(loss, where)
+        released.check_graph(loss, since=self._released_mark)
         grads = scope.grad(loss, list(params), create_graph=not first_order)
         if all(g is None for g in grads):
             raise ValueError(f"{where}: loss is not connected to the task model's parameters {list(names)}")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import paddle
 from paddle import nn
 
-from paddlefsl.metaopt.autodiff import scope
+from paddlefsl.metaopt.autodiff import released, scope
 from paddlefsl.metaopt.base import check_scalar_loss
 from paddlefsl.metaopt.functional import ParameterSlots, functional_call
 from paddlefsl.metaopt.optim.base import OptimizerTwin, clip_gradients, param_groups, twin_for
@@ -116,6 +116,7 @@ class DifferentiableOptimizer:
         self.twin: OptimizerTwin = twin_for(optimizer)
         self.optimizer = optimizer
         self.fmodel = fmodel
+        self._released_mark = released.mark()
         self.track_higher_grads = bool(track_higher_grads)
         groups = param_groups(optimizer)
         where: dict[int, int] = {}
@@ -197,6 +198,7 @@ class DifferentiableOptimizer:
         step = self.fmodel.time + 1
         check_scalar_loss(loss, f"diffopt.step (step {step})")
         params = self.fmodel.parameters()
+        released.check_graph(loss, since=self._released_mark)
         grads = scope.grad(loss, params, create_graph=self.track_higher_grads)
         grads = [None if g is None else (g if self.track_higher_grads else g.detach()) for g in grads]
         if all(g is None for g in grads):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import paddle
-from paddle.autograd import PyLayer
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 from paddlefsl.metaopt.autodiff.registry import original
 
@@ -20,7 +20,7 @@ Tensor = paddle.Tensor
 __all__ = ["apply_rule", "pointwise", "ints", "lean_shape", "channel_last", "to_channel_first", "to_channel_last"]
 
 
-class _Slot(PyLayer):
+class _Slot(GuardedPyLayer):
     """One differentiable input of a rule: forward returns ``value()``, backward returns ``grad(*gys)``."""
 
     @staticmethod
@@ -59,7 +59,7 @@ def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
     return out
 
 
-class _Pointwise(PyLayer):
+class _Pointwise(GuardedPyLayer):
     """y = kernel(x, *attrs) elementwise; backward is grad * deriv(x), written in differentiable Paddle ops."""
 
     @staticmethod

@@ -12,7 +12,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import paddle
-from paddle.autograd import PyLayer
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 from paddlefsl.metaopt.autodiff.common import apply_rule, lean_shape, pointwise
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
@@ -103,7 +103,7 @@ def _sum_to_public(g: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
     return paddle.reshape(g, shape)
 
 
-class _LinearMap(PyLayer):
+class _LinearMap(GuardedPyLayer):
     """y = fwd(x) for a linear (or affine) map; backward applies the adjoint ``adj`` as another _LinearMap."""
 
     @staticmethod
@@ -204,7 +204,7 @@ def mean_all(x, out=None, **kwargs):
     return _linear(x, lambda t: original("mean_all")(t), adj)
 
 
-class _Unstack(PyLayer):
+class _Unstack(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, axis, num):
         ctx.axis = axis
@@ -255,7 +255,7 @@ def _reduced_axes(axis: Any, ndim: int) -> list[int]:
     return sorted(a % ndim for a in axes)
 
 
-class _Extremum(PyLayer):
+class _Extremum(GuardedPyLayer):
     """max/min/amax/amin: the gradient goes to the arg-extrema, split evenly among ties (as Paddle does)."""
 
     @staticmethod
@@ -291,7 +291,7 @@ for _name in ("max", "min", "amax", "amin"):
     exact(_name, "tensor", "gradient to the arg-extrema, ties split evenly")(_extremum(_name))
 
 
-class _Reciprocal(PyLayer):
+class _Reciprocal(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x):
         y = original("reciprocal")(x)
@@ -348,7 +348,7 @@ def bilinear(x, y, weight, bias=None, out=None, **kwargs):
     return result
 
 
-class _PNorm(PyLayer):
+class _PNorm(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, porder, axis, epsilon, keepdim, asvector):
         y = original("p_norm")(x, porder, axis, epsilon, keepdim, asvector)

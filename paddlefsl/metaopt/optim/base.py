@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import paddle
-from paddle.autograd import PyLayer
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 __all__ = ["OptimizerTwin", "register_twin", "twin_for", "registered_twins", "safe_sqrt", "clip_gradients",
            "regularize", "as_dtype_of", "as_float32", "param_groups"]
@@ -33,7 +33,7 @@ State = list[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------------ numerics
-class _SafeSqrt(PyLayer):
+class _SafeSqrt(GuardedPyLayer):
     """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of infinity (so ``0 * inf`` never makes NaN)."""
 
     @staticmethod
