@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import abc
+import difflib
+import functools
+import inspect
 import math
 from typing import Any, Sequence
 
@@ -37,6 +40,27 @@ def check_scalar_loss(loss: object, where: str) -> None:
         raise FloatingPointError(f"{where}: loss is {value}")
     if loss.stop_gradient:
         raise ValueError(f"{where}: loss is not connected to any parameter (stop_gradient=True)")
+
+
+# Names other libraries give the inner learning rate (learn2learn: lr; higher / torchmeta: step_size, fast_lr).
+_INNER_LR_ALIASES = ("lr", "fast_lr", "step_size", "alpha", "inner_rate", "adaptation_lr")
+
+
+def _explain_arguments(cls: type, signature: inspect.Signature, kwargs: dict, err: TypeError) -> str:
+    """The message for a learner built with arguments its ``__init__`` does not take."""
+    accepted = [name for name in signature.parameters if name != "self"]
+    hints = []
+    for name in kwargs:
+        if name in signature.parameters:
+            continue
+        if name in _INNER_LR_ALIASES and "inner_lr" in signature.parameters:
+            hints.append(f"unexpected keyword argument {name!r}: the inner-loop learning rate is called inner_lr "
+                         f"here, e.g. {cls.__name__}(..., inner_lr=0.4)")
+        else:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hints.append(f"unexpected keyword argument {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    detail = "; ".join(hints) if hints else str(err)
+    return f"{cls.__name__}(): {detail} (it takes: {', '.join(accepted)})"
 
 
 def batch_norms(layer: nn.Layer) -> list[nn.Layer]:
@@ -108,6 +132,24 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         if meta_optimizer is not None:
             self._check_meta_optimizer(meta_optimizer)
             self.meta_optimizer = meta_optimizer
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Make a subclass's ``__init__`` name the argument it expected when called with a wrong one (``lr=``)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def checked_init(self, *args: Any, **kw: Any) -> None:
+            try:
+                signature.bind(self, *args, **kw)
+            except TypeError as err:
+                raise TypeError(_explain_arguments(cls, signature, kw, err)) from None
+            init(self, *args, **kw)
+
+        cls.__init__ = checked_init
 
     # ----------------------------------------------------------------------------------------------- interface
     @abc.abstractmethod

@@ -7,7 +7,7 @@ import paddle.nn.functional as F
 import pytest
 from paddle import _C_ops, nn
 
-from paddlefsl.metaopt import MAML, BaseLearner, SecondOrderError
+from paddlefsl.metaopt import ANIL, MAML, BaseLearner, MetaSGD, SecondOrderError
 from paddlefsl.metaopt.autodiff import is_active, registry
 from tests.metaopt.models import mlp, regression_task
 
@@ -31,6 +31,33 @@ def test_inner_lr_must_be_positive_and_finite(lr):
 def test_inner_lr_must_be_a_number(lr):
     with pytest.raises(TypeError, match="inner_lr must be a positive finite number"):
         MAML(mlp(), inner_lr=lr)
+
+
+LEARNERS = {
+    "MAML": lambda **kw: MAML(mlp(), **kw),
+    "MetaSGD": lambda **kw: MetaSGD(mlp(), **kw),
+    "ANIL": lambda **kw: ANIL(mlp((1, 8)), nn.Linear(8, 1), **kw),
+}
+
+
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
+@pytest.mark.parametrize("alias", ["lr", "fast_lr", "step_size"])
+def test_other_libraries_name_for_the_inner_rate_points_to_inner_lr(learner, alias):
+    with pytest.raises(TypeError, match=rf"{learner}\(\): unexpected keyword argument '{alias}': the inner-loop "
+                                        rf"learning rate is called inner_lr here"):
+        LEARNERS[learner](**{alias: 0.4})
+
+
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
+def test_a_misspelt_argument_gets_a_suggestion_and_the_accepted_list(learner):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'firstorder'; did you mean 'first_order'\?"
+                                        r" \(it takes: .*inner_lr, first_order"):
+        LEARNERS[learner](inner_lr=0.1, firstorder=True)
+
+
+def test_a_missing_inner_lr_is_named():
+    with pytest.raises(TypeError, match=r"MAML\(\): missing a required argument: 'inner_lr'"):
+        MAML(mlp())
 
 
 def test_model_must_be_a_layer():
