@@ -6,6 +6,7 @@ import difflib
 import functools
 import inspect
 import math
+import re
 from typing import Any, Sequence
 
 import paddle
@@ -16,7 +17,8 @@ from paddlefsl.metaopt.functional import ParameterSlots, clone_model
 
 BATCH_NORM_MODES = ("batch", "running", "shared")
 
-__all__ = ["BaseLearner", "BATCH_NORM_MODES", "batch_norms", "check_inner_lr", "check_scalar_loss"]
+__all__ = ["BaseLearner", "BATCH_NORM_MODES", "batch_norms", "check_grad_enabled", "check_inner_lr",
+           "check_scalar_loss"]
 
 
 def check_inner_lr(inner_lr: object) -> float:
@@ -26,6 +28,15 @@ def check_inner_lr(inner_lr: object) -> float:
     if not (math.isfinite(inner_lr) and inner_lr > 0):
         raise ValueError(f"inner_lr must be a positive finite number, got {inner_lr!r}")
     return float(inner_lr)
+
+
+def check_grad_enabled(where: str) -> None:
+    """Raise a clear error (prefixed by ``where``) if gradient recording is off (``paddle.no_grad()``)."""
+    if not paddle.is_grad_enabled():
+        raise RuntimeError(f"{where}: gradient recording is off (inside paddle.no_grad() or "
+                           "paddle.set_grad_enabled(False)), so the update cannot be differentiated; adapt outside "
+                           "no_grad (for evaluation, adapt normally and wrap only the query forward in "
+                           "paddle.no_grad())")
 
 
 def check_scalar_loss(loss: object, where: str) -> None:
@@ -39,7 +50,8 @@ def check_scalar_loss(loss: object, where: str) -> None:
     if not math.isfinite(value):
         raise FloatingPointError(f"{where}: loss is {value}")
     if loss.stop_gradient:
-        raise ValueError(f"{where}: loss is not connected to any parameter (stop_gradient=True)")
+        raise ValueError(f"{where}: loss is not connected to any parameter (stop_gradient=True); was it computed "
+                         "inside paddle.no_grad() or from detached outputs?")
 
 
 # Names other libraries give the inner learning rate (learn2learn: lr; higher / torchmeta: step_size, fast_lr).
@@ -168,7 +180,17 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
                     and value.dtype != dtype:
                 raise TypeError(f"input {i} has dtype {value.dtype} but the model's parameters are {dtype}; "
                                 f"cast the data with .astype({dtype})")
-        return self.model(*args, **kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        except RuntimeError as err:
+            integers = [i for i, value in enumerate(args) if isinstance(value, paddle.Tensor)
+                        and not value.is_floating_point() and value.dtype != paddle.bool]
+            if not integers or "Selected wrong DataType" not in str(err):
+                raise
+            kernel = re.search(r"kernel `(\w+)`", str(err))
+            raise TypeError(f"input {integers[0]} has dtype {args[integers[0]].dtype}, but the model's "
+                            f"{kernel.group(1) if kernel else 'first'} kernel takes floating point data only; cast "
+                            f"it, e.g. x.astype({dtype or 'float32'}) (and scale images to [0, 1])") from None
 
     def step(self, loss: paddle.Tensor) -> None:
         """Meta update: back-propagate ``loss`` into the meta-model, apply ``meta_optimizer``, clear gradients.
@@ -273,6 +295,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
                    first_order: bool, allow_unused: bool) -> list[paddle.Tensor | None]:
         """Gradients of ``loss`` w.r.t. ``params`` with every check the inner loop needs."""
         where = f"adapt step {self._adapt_steps + 1}"
+        check_grad_enabled(where)
         check_scalar_loss(loss, where)
         released.check_graph(loss, since=self._released_mark)
         grads = scope.grad(loss, list(params), create_graph=not first_order)

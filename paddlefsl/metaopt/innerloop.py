@@ -15,7 +15,7 @@ import paddle
 from paddle import nn
 
 from paddlefsl.metaopt.autodiff import released, scope
-from paddlefsl.metaopt.base import check_scalar_loss
+from paddlefsl.metaopt.base import check_grad_enabled, check_scalar_loss
 from paddlefsl.metaopt.functional import ParameterSlots, functional_call
 from paddlefsl.metaopt.optim.base import OptimizerTwin, clip_gradients, param_groups, twin_for
 
@@ -196,6 +196,7 @@ class DifferentiableOptimizer:
             SecondOrderError: if an op in the model has no exact higher-order gradient.
         """
         step = self.fmodel.time + 1
+        check_grad_enabled(f"diffopt.step (step {step})")
         check_scalar_loss(loss, f"diffopt.step (step {step})")
         params = self.fmodel.parameters()
         released.check_graph(loss, since=self._released_mark)

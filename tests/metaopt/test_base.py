@@ -271,3 +271,40 @@ def test_an_op_without_exact_rule_raises_naming_op_layer_and_way_out():
     del task, first, info  # the traceback in info keeps the task learner alive
     gc.collect()
     assert _stock_kernels() == stock
+
+
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
+def test_adapt_under_no_grad_says_so(learner):
+    task = LEARNERS[learner](inner_lr=0.1).clone()
+    xs, ys, _, _ = regression_task()
+    loss = F.mse_loss(task(xs), ys)
+    with paddle.no_grad():
+        with pytest.raises(RuntimeError, match=r"adapt step 1: gradient recording is off \(inside paddle.no_grad"):
+            task.adapt(loss)
+
+
+def test_a_loss_computed_under_no_grad_hints_at_no_grad():
+    task = MAML(mlp(), inner_lr=0.1).clone()
+    xs, ys, _, _ = regression_task()
+    with paddle.no_grad():
+        loss = F.mse_loss(task(xs), ys)
+    with pytest.raises(ValueError, match=r"not connected .* was it computed inside paddle.no_grad\(\)"):
+        task.adapt(loss)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8"])
+def test_integer_images_into_a_conv_name_the_input_and_the_cast(dtype):
+    model = nn.Sequential(nn.Conv2D(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    task = MAML(model, inner_lr=0.1).clone()
+    x = paddle.to_tensor(np.random.randint(0, 255, (4, 1, 8, 8)).astype(dtype))
+    with pytest.raises(TypeError, match=rf"input 0 has dtype paddle.{dtype}, but the model's conv2d kernel takes "
+                                        r"floating point data only; cast it, e.g. x.astype\(paddle.float64\)"):
+        task(x)
+
+
+def test_integer_inputs_that_the_model_takes_still_work():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
+    task = MAML(model, inner_lr=0.1).clone()
+    ids = paddle.to_tensor([[1, 2], [3, 4]], dtype="int64")
+    task.adapt(F.cross_entropy(task(ids), paddle.to_tensor([0, 1])))
+    assert task(ids).shape == [2, 2]
