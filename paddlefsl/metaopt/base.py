@@ -135,6 +135,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         self._lease: scope.Lease | None = None
         self._adapt_steps = 0
         self._clones_since_step = 0
+        self._graph_tokens: tuple[object, ...] = ()
         if not self.allow_nograd:
             stats = _running_statistics(model)
             frozen = [name for name, p in ParameterSlots(model).named() if p.stop_gradient and id(p) not in stats]
@@ -181,7 +182,8 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
                 raise TypeError(f"input {i} has dtype {value.dtype} but the model's parameters are {dtype}; "
                                 f"cast the data with .astype({dtype})")
         try:
-            return self.model(*args, **kwargs)
+            with released.owner(self._graph_tokens[-1] if self._graph_tokens else None):
+                return self.model(*args, **kwargs)
         except RuntimeError as err:
             integers = [i for i, value in enumerate(args) if isinstance(value, paddle.Tensor)
                         and not value.is_floating_point() and value.dtype != paddle.bool]
@@ -253,7 +255,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         task._adapt_steps = 0
         task._clones_since_step = 0
         task._lease = scope.Lease()
-        task._released_mark = self._released_mark if self._meta is not None else released.mark()
+        task._graph_tokens = self._graph_tokens + (object(),)
         for name, layer in layers.items():
             setattr(task, name, layer)
         return task
@@ -297,8 +299,10 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         where = f"adapt step {self._adapt_steps + 1}"
         check_grad_enabled(where)
         check_scalar_loss(loss, where)
-        released.check_graph(loss, since=self._released_mark)
-        grads = scope.grad(loss, list(params), create_graph=not first_order)
+        if not first_order:
+            released.check_released(self._graph_tokens, where)
+        with released.owner(self._graph_tokens[-1]):
+            grads = scope.grad(loss, list(params), create_graph=not first_order)
         if all(g is None for g in grads):
             raise ValueError(f"{where}: loss is not connected to the task model's parameters {list(names)}")
         unused = [name for name, g in zip(names, grads) if g is None]

@@ -50,6 +50,7 @@ class FunctionalModel:
         if len(initial) != len(self._trainable):
             raise ValueError(f"expected {len(self._trainable)} initial tensors, got {len(initial)}")
         self._history: list[list[paddle.Tensor]] = [list(initial)]
+        self.graph_token = object()
 
     def __call__(self, *args, params: Sequence[paddle.Tensor] | Mapping[str, paddle.Tensor] | None = None,
                  **kwargs):
@@ -70,7 +71,8 @@ class FunctionalModel:
         full: list[paddle.Tensor | None] = [None] * self._slot_count
         for i, tensor in zip(self._trainable, fast):
             full[i] = tensor
-        return functional_call(self.module, full, *args, **kwargs)
+        with released.owner(self.graph_token):
+            return functional_call(self.module, full, *args, **kwargs)
 
     forward = __call__
 
@@ -116,7 +118,6 @@ class DifferentiableOptimizer:
         self.twin: OptimizerTwin = twin_for(optimizer)
         self.optimizer = optimizer
         self.fmodel = fmodel
-        self._released_mark = released.mark()
         self.track_higher_grads = bool(track_higher_grads)
         groups = param_groups(optimizer)
         where: dict[int, int] = {}
@@ -199,8 +200,10 @@ class DifferentiableOptimizer:
         check_grad_enabled(f"diffopt.step (step {step})")
         check_scalar_loss(loss, f"diffopt.step (step {step})")
         params = self.fmodel.parameters()
-        released.check_graph(loss, since=self._released_mark)
-        grads = scope.grad(loss, params, create_graph=self.track_higher_grads)
+        if self.track_higher_grads:
+            released.check_released([self.fmodel.graph_token], f"diffopt.step (step {step})")
+        with released.owner(self.fmodel.graph_token):
+            grads = scope.grad(loss, params, create_graph=self.track_higher_grads)
         grads = [None if g is None else (g if self.track_higher_grads else g.detach()) for g in grads]
         if all(g is None for g in grads):
             raise ValueError(f"diffopt.step (step {step}): loss reaches none of the fast weights {self.fmodel.names}")

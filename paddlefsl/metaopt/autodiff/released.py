@@ -14,19 +14,22 @@ hook sees the context gone and raises [GraphReleasedError][paddlefsl.metaopt.aut
 before a ``backward()``.
 
 One way in cannot be caught by a hook: ``paddle.grad`` over a graph that ``backward()`` has already run copies every
-node before any hook runs, and copying a released PyLayer node crashes inside Paddle. The learners call
-[check_graph][paddlefsl.metaopt.autodiff.released.check_graph] before their own ``paddle.grad`` (an ``adapt`` after
-``step``); a ``paddle.grad`` of your own after a ``backward()`` of the same graph still crashes (a Paddle bug).
+node before any hook runs, and copying a released PyLayer node crashes inside Paddle. The learners attribute
+the nodes their forward passes and inner steps build to the task learner ([owner][paddlefsl.metaopt.autodiff.released.owner])
+and call [check_released][paddlefsl.metaopt.autodiff.released.check_released] before their own ``paddle.grad`` (an
+``adapt`` after ``step``); a ``paddle.grad`` of your own after a ``backward()`` of the same graph still crashes (a
+Paddle bug).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import paddle
 from paddle.autograd import PyLayer
 
-__all__ = ["GraphReleasedError", "GuardedPyLayer", "RELEASED_MESSAGE", "check_graph", "is_released", "mark"]
+__all__ = ["GraphReleasedError", "GuardedPyLayer", "RELEASED_MESSAGE", "check_released", "owner"]
 
 RELEASED_MESSAGE = (
     "backward through a graph that was already back-propagated: Paddle frees the state of the exact op layer's "
@@ -40,26 +43,24 @@ class GraphReleasedError(RuntimeError):
 
 
 _contexts: list[Any] = []
-_guards: "weakref.WeakValueDictionary[int, _Guard]" = weakref.WeakValueDictionary()
-_releases = 0
-_released: list[tuple[int, weakref.ref]] = []
+_owners: list[object] = []
+_released: list[weakref.ref] = []
 
 
 class _Guard:
     """The gradient hook of one PyLayer node: raises once the node's context is gone.
 
-    Only the node (through its hooks) holds the guard, so the guard lives exactly as long as the node, and the
-    ``_guards`` entry of a dead node disappears with it (no stale node addresses). When the context goes while the
-    guard lives (a ``backward()`` ran the node), the guard is numbered in ``_released``.
+    Only the node (through its hooks) holds the guard, so the guard lives exactly as long as the node. When the
+    context goes while the guard lives (a ``backward()`` ran the node), the guard is listed in ``_released``.
+    ``owner`` is the token of the task learner whose forward or adapt built the node (a plain object, so no cycle
+    runs through Paddle's C++ graph).
     """
 
-    __slots__ = ("context", "__weakref__")
+    __slots__ = ("context", "owner", "__weakref__")
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: Any, owner: object) -> None:
         self.context = weakref.ref(context, _context_gone(weakref.ref(self)))
-
-    def released(self) -> bool:
-        return self.context() is None
+        self.owner = owner
 
     def __call__(self, grad: paddle.Tensor) -> None:
         if self.context() is None:
@@ -68,59 +69,49 @@ class _Guard:
 
 def _context_gone(guard: weakref.ref):
     def gone(_: weakref.ref) -> None:
-        global _releases
         if guard() is not None:
-            _releases += 1
-            _released.append((_releases, guard))
+            _released.append(guard)
             if len(_released) > 4096:
-                _released[:] = [entry for entry in _released if entry[1]() is not None]
+                _released[:] = [g for g in _released if g() is not None]
     return gone
 
 
-def mark() -> int:
-    """A number to pass as ``since`` to [check_graph][paddlefsl.metaopt.autodiff.released.check_graph]: nodes
-    released after this call are checked for."""
-    return _releases
-
-
-def is_released(node_ptr: int) -> bool:
-    """Whether the grad node at ``node_ptr`` (``tensor.grad_fn.node_ptr()``) is a guarded PyLayer node that
-    ``backward()`` has already run (running or copying it again would crash Paddle)."""
-    guard = _guards.get(node_ptr)
-    return guard is not None and guard.released()
-
-
-def check_graph(output: paddle.Tensor, since: int = 0) -> None:
-    """Raise `GraphReleasedError` if the graph behind ``output`` holds a node that ``backward()`` already ran.
-
-    Call it before ``paddle.grad(output, ...)``: Paddle copies the whole graph before running any hook, and copying a
-    released PyLayer node crashes the process. The graph is walked only when a node released after ``since`` (a
-    [mark][paddlefsl.metaopt.autodiff.released.mark]) is still alive, so the usual call costs a list scan; the walk
-    costs about 10 microseconds per node.
+@contextlib.contextmanager
+def owner(token: object) -> Iterator[None]:
+    """Attribute the PyLayer nodes built inside the block to ``token`` (a task learner's graph token).
 
     Args:
-        output: the tensor to be differentiated.
-        since: ignore nodes released before this mark (they cannot be in a graph built after it).
+        token: any object; [check_released][paddlefsl.metaopt.autodiff.released.check_released] looks for it.
+    """
+    _owners.append(token)
+    try:
+        yield
+    finally:
+        _owners.pop()
+
+
+def check_released(tokens: Sequence[object], where: str) -> None:
+    """Raise `GraphReleasedError` if a live node built under one of ``tokens`` was already run by ``backward()``.
+
+    Call it before ``paddle.grad`` over a task learner's graph: Paddle copies the whole graph before running any
+    hook, and copying a released PyLayer node crashes the process. It scans the released nodes that are still alive
+    (usually none, or those of the last meta-batch), not the graph. (Reading ``Tensor.grad_fn`` to walk the graph is
+    no option: in Paddle 3.3 every grad-node wrapper it returns keeps its node, and all that node saved, alive.)
+
+    Args:
+        tokens: the graph tokens of the task learner (its own and its parents').
+        where: the call, for the message (e.g. ``"adapt step 2"``).
 
     Raises:
-        GraphReleasedError: if a released node is reachable from ``output``.
+        GraphReleasedError: if such a node exists.
     """
-    _released[:] = [entry for entry in _released if entry[1]() is not None]
-    if not any(number > since for number, _ in _released):
-        return
-    if not isinstance(output, paddle.Tensor) or output.grad_fn is None:
-        return
-    seen: set[int] = set()
-    stack = [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        ptr = node.node_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        if is_released(ptr):
-            raise GraphReleasedError(RELEASED_MESSAGE)
-        stack.extend(c for c in node.next_functions if c is not None)
+    _released[:] = [g for g in _released if g() is not None]
+    for ref in _released:
+        guard = ref()
+        if guard is not None and any(guard.owner is t for t in tokens):
+            raise GraphReleasedError(f"{where}: this task learner's graph was back-propagated by backward() or "
+                                     "step(), and Paddle cannot differentiate it again (it would crash the process); "
+                                     "clone a new task learner from the meta-learner for the next task")
 
 
 class GuardedPyLayer(PyLayer):
@@ -172,7 +163,6 @@ class GuardedPyLayer(PyLayer):
                         alive = context()
                         if alive is None:
                             break
-                        guard = _Guard(alive)
-                        _guards[t.grad_fn.node_ptr()] = guard
-                    t.register_hook(guard)
+                        guard = _Guard(alive, _owners[-1] if _owners else None)
+                    t._register_grad_hook(guard)
         return out
