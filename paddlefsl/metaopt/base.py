@@ -90,11 +90,11 @@ def _running_statistics(layer: nn.Layer) -> set[int]:
 class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
     """A meta-learner: a meta-model, task learners cloned from it, inner updates and the meta update.
 
-    The learner you build holds the meta-model. :meth:`clone` returns a task learner whose parameters are
-    differentiable functions of the meta-model's; :meth:`adapt` updates a task learner out of place; :meth:`step`
+    The learner you build holds the meta-model. `clone()` returns a task learner whose parameters are
+    differentiable functions of the meta-model's; `adapt()` updates a task learner out of place; `step()`
     back-propagates a query loss into the meta-model and applies the meta-optimizer.
 
-    While a task learner exists, Paddle kernels run through the exact op layer (:mod:`paddlefsl.metaopt.autodiff`),
+    While a task learner exists, Paddle kernels run through the exact op layer (`paddlefsl.metaopt.autodiff`),
     for first-order learners too (Paddle's own first-order gradients are wrong for some kernels); once every task
     learner is released (``del task`` or rebinding the name), ``paddle._C_ops`` is stock again.
 
@@ -105,7 +105,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             ``None`` means the value of ``allow_nograd``.
         allow_nograd: leave frozen (``stop_gradient=True``) parameters frozen instead of raising. Batch-norm running
             statistics are never adapted and need no flag.
-        meta_optimizer: a ``paddle.optimizer.Optimizer`` over the learner's parameters, applied by :meth:`step`.
+        meta_optimizer: a ``paddle.optimizer.Optimizer`` over the learner's parameters, applied by `step()`.
         batch_norm: how task learners treat batch-norm layers: ``"batch"`` (normalize with batch statistics in
             train mode; running statistics go to the task learner's own copy), ``"running"`` (normalize with the
             meta-model's running statistics, frozen), or ``"shared"`` (as ``"batch"``, but task learners update the

@@ -14,13 +14,13 @@ __all__ = ["GradCheckReport", "check_meta_gradients"]
 
 @dataclass
 class GradCheckReport:
-    """The outcome of :func:`check_meta_gradients`.
+    """The outcome of `check_meta_gradients()`.
 
     Attributes:
         errors: for each parameter name, the worst error over the checked coordinates (relative, with an absolute
-            floor; see :func:`check_meta_gradients`).
+            floor; see `check_meta_gradients()`).
         checked: for each parameter name, how many coordinates were checked.
-        rtol: the tolerance :attr:`ok` uses.
+        rtol: the tolerance `ok` uses.
     """
 
     errors: dict[str, float] = field(default_factory=dict)
@@ -67,14 +67,14 @@ def check_meta_gradients(learner_factory: Callable[[], BaseLearner],
         seed: the seed for sampling coordinates.
 
     Returns:
-        A :class:`GradCheckReport` with the worst relative error per parameter.
+        A `GradCheckReport` with the worst relative error per parameter.
 
     Raises:
         TypeError: if the factory does not return a BaseLearner, or the model is not float64.
 
     Example:
         >>> report = check_meta_gradients(lambda: MAML(make_model(), 0.1), query_loss_after_adapt, batch)
-        >>> assert report.ok, str(report)                    # doctest: +SKIP
+        >>> assert report.ok, str(report)
     """
     learner = learner_factory()
     if not isinstance(learner, BaseLearner):

@@ -2,7 +2,7 @@
 
 ``innerloop_ctx(model, optimizer)`` yields a functional model whose fast weights are a list of tensors, and a
 differentiable optimizer whose ``step(loss)`` replaces them by an out-of-place update that follows the given Paddle
-optimizer's rule exactly (see :mod:`paddlefsl.metaopt.optim`). Every step stays in the autograd graph, so a loss
+optimizer's rule exactly (see `paddlefsl.metaopt.optim`). Every step stays in the autograd graph, so a loss
 computed after ``k`` steps can be differentiated w.r.t. the initial weights and w.r.t. hyper-parameters given as
 tensors (``override``).
 """
@@ -25,10 +25,10 @@ _ALIASES = {"lr": "learning_rate"}
 
 
 class FunctionalModel:
-    """A model run with a history of fast weights (the ``fmodel`` of :func:`innerloop_ctx`).
+    """A model run with a history of fast weights (the ``fmodel`` of `innerloop_ctx()`).
 
     ``fmodel(*inputs)`` runs ``module`` with the latest fast weights through
-    :func:`~paddlefsl.metaopt.functional_call` (no copy of the module is made); ``fmodel(*inputs, params=ws)`` runs
+    `functional_call()` (no copy of the module is made); ``fmodel(*inputs, params=ws)`` runs
     it with ``ws`` instead. Frozen parameters (``stop_gradient=True``) and buffers are the module's own.
 
     Args:
@@ -54,7 +54,7 @@ class FunctionalModel:
 
     def __call__(self, *args, params: Sequence[paddle.Tensor] | Mapping[str, paddle.Tensor] | None = None,
                  **kwargs):
-        """Run the module with the latest fast weights, or with ``params`` (a list like :meth:`parameters`, or a
+        """Run the module with the latest fast weights, or with ``params`` (a list like `parameters()`, or a
         mapping from parameter names to tensors)."""
         if params is None:
             fast = self._history[-1]
@@ -94,7 +94,7 @@ class FunctionalModel:
         return list(self._history[time])
 
     def named_parameters(self, time: int | None = None) -> list[tuple[str, paddle.Tensor]]:
-        """``(name, tensor)`` pairs of :meth:`parameters`."""
+        """``(name, tensor)`` pairs of `parameters()`."""
         return list(zip(self.names, self.parameters(time)))
 
     def _append(self, params: Sequence[paddle.Tensor]) -> None:
@@ -102,13 +102,13 @@ class FunctionalModel:
 
 
 class DifferentiableOptimizer:
-    """The differentiable twin of a Paddle optimizer acting on a :class:`FunctionalModel` (``diffopt``).
+    """The differentiable twin of a Paddle optimizer acting on a `FunctionalModel` (``diffopt``).
 
-    Built by :func:`innerloop_ctx`; see there for the arguments.
+    Built by `innerloop_ctx()`; see there for the arguments.
 
     Attributes:
         optimizer: the Paddle optimizer whose settings are followed (never stepped or modified).
-        twin: the :class:`~paddlefsl.metaopt.optim.OptimizerTwin` doing the update.
+        twin: the `OptimizerTwin` doing the update.
         state: the optimizer state, one dict per fast parameter.
         overrides: for each fast parameter, the overridden hyper-parameters (name to tensor or number).
     """
@@ -235,7 +235,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
     betas, epsilon, L1/L2 regularizers, AdamW's decoupled decay, gradient clipping) but out of place, so the loss
     after ``k`` steps is differentiable w.r.t. everything before. ``optimizer`` itself is never stepped.
     While the block runs (with ``track_higher_grads=True``) Paddle kernels are exact at higher order
-    (:func:`~paddlefsl.metaopt.exact_ops`), or raise :class:`~paddlefsl.metaopt.SecondOrderError`.
+    (`exact_ops()`), or raise `SecondOrderError`.
 
     ``copy_initial_weights`` decides where the meta-gradient of the initial weights goes:
 
@@ -261,7 +261,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
         model: any ``paddle.nn.Layer``; its trainable parameters are the fast weights (frozen ones stay fixed).
         optimizer: a Paddle optimizer holding all of ``model``'s trainable parameters; its type must have a twin
             (SGD, Momentum, Adam, AdamW, RMSProp, Adagrad, Adadelta, or one added with
-            :func:`~paddlefsl.metaopt.optim.register_twin`).
+            `register_twin()`).
         copy_initial_weights: see above.
         override: hyper-parameters given as tensors (or numbers) instead of the optimizer's values, e.g.
             ``{"learning_rate": lr, "momentum": m}`` (``"lr"`` is an alias). A value is one tensor for all
@@ -273,7 +273,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
             weights), and hyper-parameter gradients ignore their effect on later inner gradients.
 
     Yields:
-        ``(fmodel, diffopt)``: a :class:`FunctionalModel` and a :class:`DifferentiableOptimizer`.
+        ``(fmodel, diffopt)``: a `FunctionalModel` and a `DifferentiableOptimizer`.
 
     Raises:
         TypeError: if ``model`` is not a Layer or ``optimizer`` not a Paddle optimizer.
@@ -282,7 +282,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
             hyper-parameter the optimizer does not have or has the wrong number of values.
 
     Example:
-        >>> opt = paddle.optimizer.Momentum(0.3, momentum=0.5, parameters=model.parameters())   # doctest: +SKIP
+        >>> opt = paddle.optimizer.Momentum(0.3, momentum=0.5, parameters=model.parameters())
         >>> lr = paddle.to_tensor(0.3, stop_gradient=False)
         >>> with innerloop_ctx(model, opt, override={"lr": lr}) as (fmodel, diffopt):
         ...     for _ in range(5):

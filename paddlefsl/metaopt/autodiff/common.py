@@ -2,7 +2,7 @@
 
 Multi-input rules use one single-input PyLayer per differentiable input. Paddle prunes the input slots of a
 PyLayer that do not lead to the tensors asked for in ``paddle.grad`` and then refuses a gradient for them, so a
-multi-input PyLayer breaks ``paddle.grad(loss, [x])`` when another input also needs a gradient. :func:`apply_rule`
+multi-input PyLayer breaks ``paddle.grad(loss, [x])`` when another input also needs a gradient. `apply_rule()`
 therefore gives each input that needs a gradient its own single-input PyLayer whose backward closes over the other
 (live, differentiable) inputs, so cross derivatives are kept at every order.
 """

@@ -6,17 +6,17 @@ Paddle 3.x frees a PyLayer node's context after ``Tensor.backward()`` runs the n
 The op layer puts PyLayer nodes throughout the graph (a loss rule at the root of every loss), so calling
 ``loss.backward()`` twice, or ``loss.backward()`` after ``learner.step(loss)``, would kill a notebook kernel.
 
-[GuardedPyLayer][paddlefsl.metaopt.autodiff.released.GuardedPyLayer] keeps a weak reference to each node's context
+`GuardedPyLayer` keeps a weak reference to each node's context
 and registers a gradient hook on the node's outputs. Paddle runs a node's hooks before it touches the context, so the
-hook sees the context gone and raises [GraphReleasedError][paddlefsl.metaopt.autodiff.released.GraphReleasedError]
+hook sees the context gone and raises `GraphReleasedError`
 (Paddle re-raises it as ``OSError: (External) ...`` with this message) instead of letting the node crash.
 ``paddle.grad`` runs copies of the nodes, so it leaves the context alive and may be called any number of times
 before a ``backward()``.
 
 One way in cannot be caught by a hook: ``paddle.grad`` over a graph that ``backward()`` has already run copies every
 node before any hook runs, and copying a released PyLayer node crashes inside Paddle. The learners attribute
-the nodes their forward passes and inner steps build to the task learner ([owner][paddlefsl.metaopt.autodiff.released.owner])
-and call [check_released][paddlefsl.metaopt.autodiff.released.check_released] before their own ``paddle.grad`` (an
+the nodes their forward passes and inner steps build to the task learner (`owner`)
+and call `check_released` before their own ``paddle.grad`` (an
 ``adapt`` after ``step``); a ``paddle.grad`` of your own after a ``backward()`` of the same graph still crashes (a
 Paddle bug).
 """
@@ -81,7 +81,7 @@ def owner(token: object) -> Iterator[None]:
     """Attribute the PyLayer nodes built inside the block to ``token`` (a task learner's graph token).
 
     Args:
-        token: any object; [check_released][paddlefsl.metaopt.autodiff.released.check_released] looks for it.
+        token: any object; `check_released` looks for it.
     """
     _owners.append(token)
     try:

@@ -2,7 +2,7 @@
 
 Kernels whose stock Paddle double gradient was checked against finite differences are declared stock. The others
 (Paddle raises "doesn't have any grad op" when differentiating their gradient twice, or they are guarded by
-default) get exact rules here. Linear kernels use :class:`_LinearMap`, a PyLayer whose backward is the same PyLayer
+default) get exact rules here. Linear kernels use `_LinearMap`, a PyLayer whose backward is the same PyLayer
 applied with the adjoint map, so every order is exact: the adjoint of the adjoint is the forward's linear part.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ stock(["matmul", "bmm", "linear"], "linalg", "Paddle's double gradient (transpos
 
 def _binary(name: str) -> Callable:
     """The stock binary kernel ``name``, with the leading size-1 axes of a broadcast operand dropped first
-    (:func:`~paddlefsl.metaopt.autodiff.common.lean_shape`: conv biases and normalization statistics hit Paddle's
+    (`lean_shape()`: conv biases and normalization statistics hit Paddle's
     slow broadcast). The values and Paddle's own (exact) gradients are unchanged."""
     kernel = original(name)
 
@@ -94,7 +94,7 @@ def _sum_to(g: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
 
 
 def _sum_to_public(g: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
-    """Like :func:`_sum_to` with public (recorded, differentiable) ops, for use inside backward."""
+    """Like `_sum_to()` with public (recorded, differentiable) ops, for use inside backward."""
     shape = list(shape)
     lead = len(g.shape) - len(shape)
     axes = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1]

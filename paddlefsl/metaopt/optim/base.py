@@ -14,7 +14,7 @@ Per-parameter settings are plain dicts ("hyper" dicts). Every twin understands t
   AdamW, the decoupled decay coefficient.
 * ``grad_clip``: the ``paddle.nn.ClipGrad*`` object of the parameter's group, or ``None``.
 
-plus the optimizer's own keys (``momentum``, ``beta1``, ...), listed in :attr:`OptimizerTwin.group_keys`.
+plus the optimizer's own keys (``momentum``, ``beta1``, ...), listed in `OptimizerTwin.group_keys`.
 """
 from __future__ import annotations
 
@@ -172,12 +172,12 @@ def _regularizer_of(optimizer: paddle.optimizer.Optimizer, param: paddle.Tensor)
 class OptimizerTwin(abc.ABC):
     """The differentiable twin of one Paddle optimizer class: functional ``init`` / ``update``.
 
-    Subclasses set :attr:`paddle_type`, :attr:`group_keys` (settings read from a parameter group or the optimizer's
-    defaults, as Paddle's ``_update_param_group`` does) and :attr:`hyper_names` (the settings a user may override
-    with tensors), and implement :meth:`init_one` and :meth:`update_one` for one parameter.
+    Subclasses set `paddle_type`, `group_keys` (settings read from a parameter group or the optimizer's
+    defaults, as Paddle's ``_update_param_group`` does) and `hyper_names` (the settings a user may override
+    with tensors), and implement `init_one()` and `update_one()` for one parameter.
 
     Example:
-        >>> twin = twin_for(paddle.optimizer.Adam(0.1, parameters=model.parameters()))   # doctest: +SKIP
+        >>> twin = twin_for(paddle.optimizer.Adam(0.1, parameters=model.parameters()))
         >>> state = twin.init(params, hyper)
         >>> params, state = twin.update(grads, state, params, hyper)
     """
@@ -238,7 +238,7 @@ class OptimizerTwin(abc.ABC):
 
         Args:
             grads: one gradient per parameter (already clipped, not yet regularized), or ``None``.
-            state: the state from :meth:`init` or the previous :meth:`update`.
+            state: the state from `init()` or the previous `update()`.
             params: the current parameters.
             hyper: one hyper dict per parameter, with ``learning_rate`` set.
 
@@ -282,13 +282,13 @@ def register_twin(paddle_type: type, twin: OptimizerTwin | type[OptimizerTwin]) 
 
     Args:
         paddle_type: a ``paddle.optimizer.Optimizer`` subclass, e.g. your own optimizer class.
-        twin: an :class:`OptimizerTwin` instance or subclass.
+        twin: an `OptimizerTwin` instance or subclass.
 
     Raises:
         TypeError: if the arguments have the wrong types.
 
     Example:
-        >>> class MySGDTwin(OptimizerTwin): ...              # doctest: +SKIP
+        >>> class MySGDTwin(OptimizerTwin): ...
         >>> register_twin(MySGD, MySGDTwin)
     """
     if not (isinstance(paddle_type, type) and issubclass(paddle_type, paddle.optimizer.Optimizer)):
