@@ -29,7 +29,7 @@ def plot_learning_curve(records: Union[str, Sequence[Dict[str, Any]]], out_path:
     """Plot metrics against ``x`` and save a PNG.
 
     Args:
-        records: A JSONL path (see :class:`~paddlefsl.training.metrics.JSONLLogger`) or a list of dicts.
+        records: A JSONL path (see `JSONLLogger`) or a list of dicts.
         out_path: PNG file to write (parent folders are created).
         keys: Metrics to plot, one subplot each; None plots every numeric key except ``x`` and ``time``.
         x: Key used for the horizontal axis (records lacking it use their position).
