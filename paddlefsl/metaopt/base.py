@@ -7,6 +7,7 @@ import functools
 import inspect
 import math
 import re
+import warnings
 from typing import Any, Sequence
 
 import paddle
@@ -136,6 +137,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         self._adapt_steps = 0
         self._clones_since_step = 0
         self._graph_tokens: tuple[object, ...] = ()
+        self._eval_norms_checked = False
         if not self.allow_nograd:
             stats = _running_statistics(model)
             frozen = [name for name, p in ParameterSlots(model).named() if p.stop_gradient and id(p) not in stats]
@@ -181,6 +183,8 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
                     and value.dtype != dtype:
                 raise TypeError(f"input {i} has dtype {value.dtype} but the model's parameters are {dtype}; "
                                 f"cast the data with .astype({dtype})")
+        if self._meta is not None and not self._meta._eval_norms_checked:
+            self._warn_untrained_eval_norms()
         try:
             with released.owner(self._graph_tokens[-1] if self._graph_tokens else None):
                 return self.model(*args, **kwargs)
@@ -224,6 +228,30 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             self.meta_optimizer.clear_grad()
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def _warn_untrained_eval_norms(self) -> None:
+        """Warn (once per learner) when a batch-norm layer of this task learner runs in eval mode with running
+        statistics still at their initial values (mean 0, variance 1): it would normalise with untrained
+        statistics. Checked at the first forward pass that has a batch-norm layer in eval mode."""
+        if self.__dict__.get("_named_norms") is None:
+            self._named_norms = [(name, sub) for name, sub in self.model.named_sublayers(include_self=True)
+                                 if isinstance(sub, (nn.layer.norm._BatchNormBase, nn.BatchNorm))]
+        norms = [(name, sub) for name, sub in self._named_norms
+                 if not sub.training and not getattr(sub, "_use_global_stats", False)]
+        if not norms:
+            return
+        self._meta._eval_norms_checked = True
+        with paddle.no_grad():
+            untrained = [name for name, sub in norms if sub._mean is not None
+                         and bool((sub._mean == 0).all().item()) and bool((sub._variance == 1).all().item())]
+        if untrained:
+            warnings.warn(
+                f"batch-norm layers {untrained} of a task learner run in eval mode with running statistics that "
+                f"were never updated (mean 0, variance 1), so they normalise with untrained statistics. With "
+                f"batch_norm={self.batch_norm!r} the meta-model's running statistics are not trained. Keep the "
+                "model in train mode for adaptation and evaluation (batch statistics, as MAML does), or build the "
+                "learner with batch_norm='shared' (task learners update the meta-model's statistics) and then use "
+                "eval mode", UserWarning, stacklevel=3)
+
     def _param_dtype(self):
         for p in self.model.parameters():
             if p.is_floating_point() and not p.stop_gradient:

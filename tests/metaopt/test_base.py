@@ -308,3 +308,42 @@ def test_integer_inputs_that_the_model_takes_still_work():
     ids = paddle.to_tensor([[1, 2], [3, 4]], dtype="int64")
     task.adapt(F.cross_entropy(task(ids), paddle.to_tensor([0, 1])))
     assert task(ids).shape == [2, 2]
+
+
+def _conv_bn_model():
+    paddle.seed(3)
+    return nn.Sequential(nn.Conv2D(1, 3, 3, padding=1), nn.BatchNorm2D(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 2))
+
+
+def _bn_task_data():
+    return paddle.randn([4, 1, 4, 4]), paddle.to_tensor([0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("policy", ["batch", "shared"])
+def test_eval_mode_with_untrained_statistics_warns_once_and_names_the_policy(policy):
+    learner = MAML(_conv_bn_model(), inner_lr=0.1, batch_norm=policy)
+    learner.eval()
+    x, y = _bn_task_data()
+    with pytest.warns(UserWarning, match=rf"batch-norm layers \['1'\] of a task learner run in eval mode with "
+                                         rf"running statistics that were never updated .* batch_norm='{policy}'"):
+        task = learner.clone()
+        task.adapt(F.cross_entropy(task(x), y))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task(x)
+        learner.clone()(x)
+
+
+def test_train_mode_or_trained_statistics_do_not_warn():
+    import warnings
+    x, y = _bn_task_data()
+    learner = MAML(_conv_bn_model(), inner_lr=0.1, batch_norm="shared")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", "When training, we now always track")
+        task = learner.clone()
+        task.adapt(F.cross_entropy(task(x), y))       # train mode: batch statistics, and the shared ones move
+        learner.eval()
+        learner.clone()(x)                             # eval mode with trained statistics
