@@ -1,24 +1,23 @@
 """A PyLayer base class that turns a backward over an already back-propagated graph into a clear error.
 
-Paddle 3.x frees a PyLayer node's context after ``Tensor.backward()`` runs the node, with or without
-``retain_graph=True``, and a second run dereferences the freed context: the process dies with a segmentation fault
-(C++ frames in ``egr::GradNodePyLayer``). Stock kernels raise "... backward twice for the same subgraph ..." instead.
-The op layer puts PyLayer nodes throughout the graph (a loss rule at the root of every loss), so calling
-``loss.backward()`` twice, or ``loss.backward()`` after ``learner.step(loss)``, would kill a notebook kernel.
+Paddle 3.3 releases a PyLayer node's context (and sets its pointer to null) once ``Tensor.backward()`` has run the
+node, with or without ``retain_graph=True``; running the node again dereferences the null pointer and the process
+dies with a segmentation fault (C++ frames in ``egr::GradNodePyLayer``). Stock kernels raise "... backward twice for
+the same subgraph ..." instead. The op layer puts PyLayer nodes throughout the graph (a loss rule at the root of
+every loss), so ``loss.backward()`` twice, or ``loss.backward()`` after ``learner.step(loss)``, would kill a notebook
+kernel.
 
-`GuardedPyLayer` keeps a weak reference to each node's context
-and registers a gradient hook on the node's outputs. Paddle runs a node's hooks before it touches the context, so the
-hook sees the context gone and raises `GraphReleasedError`
-(Paddle re-raises it as ``OSError: (External) ...`` with this message) instead of letting the node crash.
-``paddle.grad`` runs copies of the nodes, so it leaves the context alive and may be called any number of times
-before a ``backward()``.
+`GuardedPyLayer` keeps a weak reference to each node's context and registers a gradient hook on the node's outputs.
+Paddle runs a node's hooks before it touches the context, so the hook sees the context gone and raises
+`GraphReleasedError` (Paddle re-raises it as ``OSError: (External) GraphReleasedError: ...``) instead of letting the
+node crash. ``paddle.grad`` runs copies of the nodes and leaves the context alive, so it may be called any number of
+times before a ``backward()``.
 
 One way in cannot be caught by a hook: ``paddle.grad`` over a graph that ``backward()`` has already run copies every
-node before any hook runs, and copying a released PyLayer node crashes inside Paddle. The learners attribute
-the nodes their forward passes and inner steps build to the task learner (`owner`)
-and call `check_released` before their own ``paddle.grad`` (an
-``adapt`` after ``step``); a ``paddle.grad`` of your own after a ``backward()`` of the same graph still crashes (a
-Paddle bug).
+node before any hook runs, and copying a released PyLayer node crashes inside Paddle. The learners attribute the
+nodes that their forward passes and inner steps build to the task learner (`owner`) and call `check_released` before
+their own ``paddle.grad`` (an ``adapt`` after ``step``); a ``paddle.grad`` of your own after a ``backward()`` of the
+same graph still crashes (a Paddle bug).
 """
 from __future__ import annotations
 
