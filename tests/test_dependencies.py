@@ -64,3 +64,14 @@ def test_a_missing_optional_dependency_names_its_extra():
                                                   r'installed: pip install "paddlefsl\[plot\]"'):
         require("no_such_package_xyz", "plot", "plot_learning_curve")
     assert require("json", "plot", "x").__name__ == "json"
+
+
+def test_plot_learning_curve_without_matplotlib_names_the_plot_extra(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from paddlefsl.training import plot_learning_curve\n"
+            f"plot_learning_curve([{{'iteration': 1, 'loss': 1.0}}], {str(tmp_path / 'c.png')!r})")
+    run = _run(code)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == (
+        'ModuleNotFoundError: plot_learning_curve needs matplotlib, which is not installed: '
+        'pip install "paddlefsl[plot]" (or pip install matplotlib)')

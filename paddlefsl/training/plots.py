@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from paddlefsl.dependencies import require
+
 from .metrics import read_jsonl
 
 __all__ = ["plot_learning_curve"]
@@ -44,6 +46,7 @@ def plot_learning_curve(records: Union[str, Sequence[Dict[str, Any]]], out_path:
     Raises:
         ValueError: If there is nothing numeric to plot.
     """
+    require("matplotlib", "plot", "plot_learning_curve")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
