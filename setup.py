@@ -1,19 +1,39 @@
 from setuptools import find_packages, setup
 
+# The exact op layer relies on Paddle internals; these are the tested major versions (paddlefsl/dependencies.py
+# refuses older ones at import and warns for newer ones).
+PADDLE = ">=3.0,<4"
+
 setup(
     name="paddlefsl",
     version="2.0.0",
     description="Exact gradient-based meta-learning (MAML, ANIL, Meta-SGD, differentiable inner loops) for PaddlePaddle",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    author="paddlefsl maintainers",
+    keywords=["meta-learning", "few-shot learning", "MAML", "ANIL", "Meta-SGD", "PaddlePaddle",
+              "second-order gradients"],
     license="Apache-2.0",
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: Apache Software License",
+        "Operating System :: OS Independent",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.9",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.9",
     packages=find_packages(include=["paddlefsl", "paddlefsl.*"]),
-    install_requires=["numpy", "pillow", "tqdm", "matplotlib"],
+    install_requires=["numpy", "pillow", "tqdm"],
     extras_require={
-        "cpu": ["paddlepaddle>=3.0"],
-        "gpu": ["paddlepaddle-gpu>=3.0"],
-        "test": ["pytest>=7"],
+        "cpu": [f"paddlepaddle{PADDLE}"],
+        "gpu": [f"paddlepaddle-gpu{PADDLE}"],
+        "plot": ["matplotlib"],
+        "test": ["pytest>=7", "matplotlib"],
         "docs": ["mkdocs>=1.5", "mkdocstrings[python]>=0.24"],
         "nlp": ["paddlenlp"],
     },

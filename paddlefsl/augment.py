@@ -18,7 +18,7 @@ class RandomShift:
     """Translate each image by a random whole number of pixels, filling the uncovered border with zeros.
 
     Every image gets its own offsets ``(dy, dx)``, drawn uniformly from ``-max_shift..max_shift``. The stream is
-    seeded, and its state can be saved with :meth:`get_state` and restored with :meth:`set_state`, so a resumed
+    seeded, and its state can be saved with `get_state()` and restored with `set_state()`, so a resumed
     run draws the same offsets as an uninterrupted one.
 
     Args:
@@ -64,5 +64,5 @@ class RandomShift:
         return self._rng.bit_generator.state
 
     def set_state(self, state: Dict[str, Any]) -> None:
-        """Restore a state returned by :meth:`get_state`."""
+        """Restore a state returned by `get_state()`."""
         self._rng.bit_generator.state = state

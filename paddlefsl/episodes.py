@@ -48,8 +48,8 @@ class EpisodeSampler:
 
     Iterating (``for task in sampler``) restarts from ``seed`` every time, so two iterations give the
     same tasks (useful for a fixed validation/test set); it yields ``num_tasks`` tasks, or forever if
-    ``num_tasks`` is None. :meth:`sample` draws from a separate persistent stream, also seeded by
-    ``seed``, whose state can be saved with :meth:`get_state` / :meth:`set_state`.
+    ``num_tasks`` is None. `sample()` draws from a separate persistent stream, also seeded by
+    ``seed``, whose state can be saved with `get_state()` / `set_state()`.
 
     Args:
         labels: Integer class label of every example of the dataset, ``[num_examples]``.
@@ -108,15 +108,15 @@ class EpisodeSampler:
             count += 1
 
     def sample(self) -> Task:
-        """Draw one task from the persistent stream (see :meth:`get_state`)."""
+        """Draw one task from the persistent stream (see `get_state()`)."""
         return self._draw(self._rng)
 
     def get_state(self) -> Dict[str, Any]:
-        """Return the state of the persistent stream used by :meth:`sample` (picklable)."""
+        """Return the state of the persistent stream used by `sample()` (picklable)."""
         return self._rng.bit_generator.state
 
     def set_state(self, state: Dict[str, Any]) -> None:
-        """Restore a state returned by :meth:`get_state`."""
+        """Restore a state returned by `get_state()`."""
         self._rng.bit_generator.state = state
 
     def _draw(self, rng: np.random.Generator) -> Task:
@@ -158,7 +158,7 @@ def make_task(dataset_images: Any, dataset_labels: Sequence[int], task: Task,
             (e.g. ``Omniglot.images``), indexed by an index array, or any indexable dataset whose
             items are images or ``(image, label)`` tuples.
         dataset_labels: Class label of every example (checked against ``task.classes``).
-        task: A :class:`Task` from :class:`EpisodeSampler`.
+        task: A `Task` from `EpisodeSampler`.
         to_tensor: Return ``paddle.Tensor`` s instead of numpy arrays.
 
     Returns:

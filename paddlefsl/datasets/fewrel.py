@@ -48,7 +48,7 @@ class FewRel(paddle.io.Dataset):
 
     Items are ``((tokens, head_span, tail_span), label)`` where spans are ``(start, end)`` token
     offsets (end exclusive) of the first mention of the head/tail entity, and ``label`` indexes
-    :attr:`relations` (sorted relation ids). Tokenization is left to ``transform``, which receives
+    `relations` (sorted relation ids). Tokenization is left to ``transform``, which receives
     the ``(tokens, head_span, tail_span)`` tuple.
 
     Args:
@@ -57,10 +57,10 @@ class FewRel(paddle.io.Dataset):
         max_length: If set, sentences longer than this are cut to a window of ``max_length``
             tokens that contains both entities when they are at most ``max_length`` apart; otherwise
             the window starts at the first entity and spans are clipped into it (counted in
-            :attr:`num_clipped`).
+            `num_clipped`).
         transform: Optional callable applied to ``(tokens, head_span, tail_span)``.
         pid2name: File mapping relation ids to ``[name, description]`` (optional; used for
-            :attr:`relation_names` when present).
+            `relation_names` when present).
 
     Attributes:
         labels: int64 ``[N]``.

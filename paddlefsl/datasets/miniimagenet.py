@@ -33,7 +33,7 @@ class NormalizedImages:
     """Array-like ``[N, 3, S, S]`` float32 view: loads uint8 HWC images, resizes, ImageNet-normalizes.
 
     Supports integer, slice and integer-array indexing (``supports_fancy_indexing``), so it can
-    be passed to :func:`paddlefsl.episodes.make_task` without decoding the whole dataset.
+    be passed to `paddlefsl.episodes.make_task()` without decoding the whole dataset.
     """
 
     supports_fancy_indexing = True
@@ -89,7 +89,7 @@ class MiniImageNet(LabelledImages):
         transform: Optional callable applied to each normalized image.
 
     Attributes:
-        images: :class:`NormalizedImages` view ``[N, 3, S, S]``.
+        images: `NormalizedImages` view ``[N, 3, S, S]``.
         labels: int64 ``[N]``.
         class_names: Class (WordNet id) of each label.
     """

@@ -68,7 +68,7 @@ class RotatedImages:
     """Read-only array view ``[M, 1, H, W]`` whose item ``i`` is ``base[index[i]]`` rotated by ``rot[i]*90`` degrees.
 
     Supports integer, slice and integer-array indexing (as used by
-    :func:`paddlefsl.episodes.make_task`) without materializing every rotated copy.
+    `paddlefsl.episodes.make_task()`) without materializing every rotated copy.
     """
 
     supports_fancy_indexing = True
@@ -150,7 +150,7 @@ class Omniglot(LabelledImages):
         transform: Optional callable applied to each image in ``__getitem__``.
 
     Attributes:
-        images: Array-like ``[N, 1, S, S]`` float32 (a :class:`RotatedImages` view when rotated).
+        images: Array-like ``[N, 1, S, S]`` float32 (a `RotatedImages` view when rotated).
         labels: int64 ``[N]``.
         class_names: ``"alphabet/character"`` (+ ``"/rot90"`` etc.) for every label.
     """
@@ -237,7 +237,7 @@ class OmniglotOneShotRuns:
         root: Folder holding ``all_runs.zip``.
         image_size: Side length after resizing (None keeps 105).
         download: Fetch the zip if missing (checksummed).
-        cache_dir: Cache folder (see :class:`Omniglot`).
+        cache_dir: Cache folder (see `Omniglot`).
 
     Attributes:
         runs: List of dicts with ``support_images`` ``[20, 1, S, S]``, ``query_images`` ``[20, 1, S, S]``
@@ -280,7 +280,7 @@ class OmniglotOneShotRuns:
         return len(self.runs)
 
     def evaluate_one_shot_runs(self, predict_fn: Callable[[np.ndarray, np.ndarray], Any]) -> float:
-        """Error rate of ``predict_fn`` over all runs (see :func:`evaluate_one_shot_runs`)."""
+        """Error rate of ``predict_fn`` over all runs (see `evaluate_one_shot_runs()`)."""
         return evaluate_one_shot_runs(self, predict_fn)
 
 
@@ -289,7 +289,7 @@ def evaluate_one_shot_runs(runs: OmniglotOneShotRuns,
     """Error rate of a one-shot classifier on Lake et al.'s 20 runs.
 
     Args:
-        runs: An :class:`OmniglotOneShotRuns`.
+        runs: An `OmniglotOneShotRuns`.
         predict_fn: ``predict_fn(support_images, query_images)`` with numpy arrays ``[20, 1, S, S]``;
             returns the predicted support index for every query (array-like or tensor of 20 ints).
 

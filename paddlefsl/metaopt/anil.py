@@ -33,10 +33,10 @@ class ANIL(BaseLearner):
         head: the classifier or regressor applied to the features, any ``paddle.nn.Layer``.
         inner_lr: the inner-loop learning rate, a positive finite number.
         first_order: use the first-order approximation.
-        allow_unused: see :class:`~paddlefsl.metaopt.BaseLearner`.
-        allow_nograd: see :class:`~paddlefsl.metaopt.BaseLearner`.
-        meta_optimizer: see :class:`~paddlefsl.metaopt.BaseLearner`.
-        batch_norm: see :class:`~paddlefsl.metaopt.BaseLearner` (applies to the head).
+        allow_unused: see `BaseLearner`.
+        allow_nograd: see `BaseLearner`.
+        meta_optimizer: see `BaseLearner`.
+        batch_norm: see `BaseLearner` (applies to the head).
 
     Example:
         >>> anil = ANIL(features, nn.Linear(64, 5), inner_lr=0.1)

@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import abc
+import difflib
+import functools
+import inspect
 import math
+import re
+import warnings
 from typing import Any, Sequence
 
 import paddle
 from paddle import nn
 
-from paddlefsl.metaopt.autodiff import scope
+from paddlefsl.metaopt.autodiff import released, scope
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model
 
 BATCH_NORM_MODES = ("batch", "running", "shared")
 
-__all__ = ["BaseLearner", "BATCH_NORM_MODES", "batch_norms", "check_inner_lr", "check_scalar_loss"]
+__all__ = ["BaseLearner", "BATCH_NORM_MODES", "batch_norms", "check_grad_enabled", "check_inner_lr",
+           "check_scalar_loss"]
 
 
 def check_inner_lr(inner_lr: object) -> float:
@@ -23,6 +29,15 @@ def check_inner_lr(inner_lr: object) -> float:
     if not (math.isfinite(inner_lr) and inner_lr > 0):
         raise ValueError(f"inner_lr must be a positive finite number, got {inner_lr!r}")
     return float(inner_lr)
+
+
+def check_grad_enabled(where: str) -> None:
+    """Raise a clear error (prefixed by ``where``) if gradient recording is off (``paddle.no_grad()``)."""
+    if not paddle.is_grad_enabled():
+        raise RuntimeError(f"{where}: gradient recording is off (inside paddle.no_grad() or "
+                           "paddle.set_grad_enabled(False)), so the update cannot be differentiated; adapt outside "
+                           "no_grad (for evaluation, adapt normally and wrap only the query forward in "
+                           "paddle.no_grad())")
 
 
 def check_scalar_loss(loss: object, where: str) -> None:
@@ -36,7 +51,29 @@ def check_scalar_loss(loss: object, where: str) -> None:
     if not math.isfinite(value):
         raise FloatingPointError(f"{where}: loss is {value}")
     if loss.stop_gradient:
-        raise ValueError(f"{where}: loss is not connected to any parameter (stop_gradient=True)")
+        raise ValueError(f"{where}: loss is not connected to any parameter (stop_gradient=True); was it computed "
+                         "inside paddle.no_grad() or from detached outputs?")
+
+
+# Names other libraries give the inner learning rate (learn2learn: lr; higher / torchmeta: step_size, fast_lr).
+_INNER_LR_ALIASES = ("lr", "fast_lr", "step_size", "alpha", "inner_rate", "adaptation_lr")
+
+
+def _explain_arguments(cls: type, signature: inspect.Signature, kwargs: dict, err: TypeError) -> str:
+    """The message for a learner built with arguments its ``__init__`` does not take."""
+    accepted = [name for name in signature.parameters if name != "self"]
+    hints = []
+    for name in kwargs:
+        if name in signature.parameters:
+            continue
+        if name in _INNER_LR_ALIASES and "inner_lr" in signature.parameters:
+            hints.append(f"unexpected keyword argument {name!r}: the inner-loop learning rate is called inner_lr "
+                         f"here, e.g. {cls.__name__}(..., inner_lr=0.4)")
+        else:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hints.append(f"unexpected keyword argument {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    detail = "; ".join(hints) if hints else str(err)
+    return f"{cls.__name__}(): {detail} (it takes: {', '.join(accepted)})"
 
 
 def batch_norms(layer: nn.Layer) -> list[nn.Layer]:
@@ -54,11 +91,11 @@ def _running_statistics(layer: nn.Layer) -> set[int]:
 class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
     """A meta-learner: a meta-model, task learners cloned from it, inner updates and the meta update.
 
-    The learner you build holds the meta-model. :meth:`clone` returns a task learner whose parameters are
-    differentiable functions of the meta-model's; :meth:`adapt` updates a task learner out of place; :meth:`step`
+    The learner you build holds the meta-model. `clone()` returns a task learner whose parameters are
+    differentiable functions of the meta-model's; `adapt()` updates a task learner out of place; `step()`
     back-propagates a query loss into the meta-model and applies the meta-optimizer.
 
-    While a task learner exists, Paddle kernels run through the exact op layer (:mod:`paddlefsl.metaopt.autodiff`),
+    While a task learner exists, Paddle kernels run through the exact op layer (`paddlefsl.metaopt.autodiff`),
     for first-order learners too (Paddle's own first-order gradients are wrong for some kernels); once every task
     learner is released (``del task`` or rebinding the name), ``paddle._C_ops`` is stock again.
 
@@ -69,7 +106,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             ``None`` means the value of ``allow_nograd``.
         allow_nograd: leave frozen (``stop_gradient=True``) parameters frozen instead of raising. Batch-norm running
             statistics are never adapted and need no flag.
-        meta_optimizer: a ``paddle.optimizer.Optimizer`` over the learner's parameters, applied by :meth:`step`.
+        meta_optimizer: a ``paddle.optimizer.Optimizer`` over the learner's parameters, applied by `step()`.
         batch_norm: how task learners treat batch-norm layers: ``"batch"`` (normalize with batch statistics in
             train mode; running statistics go to the task learner's own copy), ``"running"`` (normalize with the
             meta-model's running statistics, frozen), or ``"shared"`` (as ``"batch"``, but task learners update the
@@ -99,6 +136,8 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         self._lease: scope.Lease | None = None
         self._adapt_steps = 0
         self._clones_since_step = 0
+        self._graph_tokens: tuple[object, ...] = ()
+        self._eval_norms_checked = False
         if not self.allow_nograd:
             stats = _running_statistics(model)
             frozen = [name for name, p in ParameterSlots(model).named() if p.stop_gradient and id(p) not in stats]
@@ -108,6 +147,24 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         if meta_optimizer is not None:
             self._check_meta_optimizer(meta_optimizer)
             self.meta_optimizer = meta_optimizer
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Make a subclass's ``__init__`` name the argument it expected when called with a wrong one (``lr=``)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def checked_init(self, *args: Any, **kw: Any) -> None:
+            try:
+                signature.bind(self, *args, **kw)
+            except TypeError as err:
+                raise TypeError(_explain_arguments(cls, signature, kw, err)) from None
+            init(self, *args, **kw)
+
+        cls.__init__ = checked_init
 
     # ----------------------------------------------------------------------------------------------- interface
     @abc.abstractmethod
@@ -126,7 +183,20 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
                     and value.dtype != dtype:
                 raise TypeError(f"input {i} has dtype {value.dtype} but the model's parameters are {dtype}; "
                                 f"cast the data with .astype({dtype})")
-        return self.model(*args, **kwargs)
+        if self._meta is not None and not self._meta._eval_norms_checked:
+            self._warn_untrained_eval_norms()
+        try:
+            with released.owner(self._graph_tokens[-1] if self._graph_tokens else None):
+                return self.model(*args, **kwargs)
+        except RuntimeError as err:
+            integers = [i for i, value in enumerate(args) if isinstance(value, paddle.Tensor)
+                        and not value.is_floating_point() and value.dtype != paddle.bool]
+            if not integers or "Selected wrong DataType" not in str(err):
+                raise
+            kernel = re.search(r"kernel `(\w+)`", str(err))
+            raise TypeError(f"input {integers[0]} has dtype {args[integers[0]].dtype}, but the model's "
+                            f"{kernel.group(1) if kernel else 'first'} kernel takes floating point data only; cast "
+                            f"it, e.g. x.astype({dtype or 'float32'}) (and scale images to [0, 1])") from None
 
     def step(self, loss: paddle.Tensor) -> None:
         """Meta update: back-propagate ``loss`` into the meta-model, apply ``meta_optimizer``, clear gradients.
@@ -158,6 +228,30 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             self.meta_optimizer.clear_grad()
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def _warn_untrained_eval_norms(self) -> None:
+        """Warn (once per learner) when a batch-norm layer of this task learner runs in eval mode with running
+        statistics still at their initial values (mean 0, variance 1): it would normalise with untrained
+        statistics. Checked at the first forward pass that has a batch-norm layer in eval mode."""
+        if self.__dict__.get("_named_norms") is None:
+            self._named_norms = [(name, sub) for name, sub in self.model.named_sublayers(include_self=True)
+                                 if isinstance(sub, (nn.layer.norm._BatchNormBase, nn.BatchNorm))]
+        norms = [(name, sub) for name, sub in self._named_norms
+                 if not sub.training and not getattr(sub, "_use_global_stats", False)]
+        if not norms:
+            return
+        self._meta._eval_norms_checked = True
+        with paddle.no_grad():
+            untrained = [name for name, sub in norms if sub._mean is not None
+                         and bool((sub._mean == 0).all().item()) and bool((sub._variance == 1).all().item())]
+        if untrained:
+            warnings.warn(
+                f"batch-norm layers {untrained} of a task learner run in eval mode with running statistics that "
+                f"were never updated (mean 0, variance 1), so they normalise with untrained statistics. With "
+                f"batch_norm={self.batch_norm!r} the meta-model's running statistics are not trained. Keep the "
+                "model in train mode for adaptation and evaluation (batch statistics, as MAML does), or build the "
+                "learner with batch_norm='shared' (task learners update the meta-model's statistics) and then use "
+                "eval mode", UserWarning, stacklevel=3)
+
     def _param_dtype(self):
         for p in self.model.parameters():
             if p.is_floating_point() and not p.stop_gradient:
@@ -189,6 +283,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         task._adapt_steps = 0
         task._clones_since_step = 0
         task._lease = scope.Lease()
+        task._graph_tokens = self._graph_tokens + (object(),)
         for name, layer in layers.items():
             setattr(task, name, layer)
         return task
@@ -230,8 +325,12 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
                    first_order: bool, allow_unused: bool) -> list[paddle.Tensor | None]:
         """Gradients of ``loss`` w.r.t. ``params`` with every check the inner loop needs."""
         where = f"adapt step {self._adapt_steps + 1}"
+        check_grad_enabled(where)
         check_scalar_loss(loss, where)
-        grads = scope.grad(loss, list(params), create_graph=not first_order, model=self, step=self._adapt_steps)
+        if not first_order:
+            released.check_released(self._graph_tokens, where)
+        with released.owner(self._graph_tokens[-1]):
+            grads = scope.grad(loss, list(params), create_graph=not first_order, model=self, step=self._adapt_steps)
         if all(g is None for g in grads):
             raise ValueError(f"{where}: loss is not connected to the task model's parameters {list(names)}")
         unused = [name for name, g in zip(names, grads) if g is None]

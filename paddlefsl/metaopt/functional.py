@@ -30,7 +30,7 @@ class ParameterSlots:
         layer: the layer tree to index.
 
     Example:
-        >>> slots = ParameterSlots(model)                 # doctest: +SKIP
+        >>> slots = ParameterSlots(model)
         >>> undo = slots.write([p * 2 for p in slots.tensors])
         >>> slots.restore(undo)
     """
@@ -89,7 +89,7 @@ class ParameterSlots:
         return previous
 
     def restore(self, previous: Sequence[paddle.Tensor]) -> None:
-        """Undo :meth:`write` with the list it returned."""
+        """Undo `write()` with the list it returned."""
         self.write(previous)
 
 
@@ -112,7 +112,7 @@ def clone_model(layer: nn.Layer, share_stats: bool = False) -> nn.Layer:
         TypeError: if ``layer`` is not a ``paddle.nn.Layer``.
 
     Example:
-        >>> task_model = clone_model(model)               # doctest: +SKIP
+        >>> task_model = clone_model(model)
         >>> loss = F.mse_loss(task_model(x), y)           # gradients reach model's parameters
     """
     _check_layer(layer, "layer")
@@ -151,7 +151,7 @@ def functional_call(layer: nn.Layer, params: Mapping[str, paddle.Tensor] | Seque
         ValueError: if a sequence has the wrong length.
 
     Example:
-        >>> fast = [p - 0.1 * g for p, g in zip(model.parameters(), grads)]   # doctest: +SKIP
+        >>> fast = [p - 0.1 * g for p, g in zip(model.parameters(), grads)]
         >>> out = functional_call(model, fast, x)
     """
     slots = ParameterSlots(layer)

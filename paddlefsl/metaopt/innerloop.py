@@ -2,7 +2,7 @@
 
 ``innerloop_ctx(model, optimizer)`` yields a functional model whose fast weights are a list of tensors, and a
 differentiable optimizer whose ``step(loss)`` replaces them by an out-of-place update that follows the given Paddle
-optimizer's rule exactly (see :mod:`paddlefsl.metaopt.optim`). Every step stays in the autograd graph, so a loss
+optimizer's rule exactly (see `paddlefsl.metaopt.optim`). Every step stays in the autograd graph, so a loss
 computed after ``k`` steps can be differentiated w.r.t. the initial weights and w.r.t. hyper-parameters given as
 tensors (``override``).
 """
@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import paddle
 from paddle import nn
 
-from paddlefsl.metaopt.autodiff import scope
-from paddlefsl.metaopt.base import check_scalar_loss
+from paddlefsl.metaopt.autodiff import released, scope
+from paddlefsl.metaopt.base import check_grad_enabled, check_scalar_loss
 from paddlefsl.metaopt.functional import ParameterSlots, functional_call
 from paddlefsl.metaopt.optim.base import OptimizerTwin, clip_gradients, param_groups, twin_for
 
@@ -25,10 +25,10 @@ _ALIASES = {"lr": "learning_rate"}
 
 
 class FunctionalModel:
-    """A model run with a history of fast weights (the ``fmodel`` of :func:`innerloop_ctx`).
+    """A model run with a history of fast weights (the ``fmodel`` of `innerloop_ctx()`).
 
     ``fmodel(*inputs)`` runs ``module`` with the latest fast weights through
-    :func:`~paddlefsl.metaopt.functional_call` (no copy of the module is made); ``fmodel(*inputs, params=ws)`` runs
+    `functional_call()` (no copy of the module is made); ``fmodel(*inputs, params=ws)`` runs
     it with ``ws`` instead. Frozen parameters (``stop_gradient=True``) and buffers are the module's own.
 
     Args:
@@ -50,10 +50,11 @@ class FunctionalModel:
         if len(initial) != len(self._trainable):
             raise ValueError(f"expected {len(self._trainable)} initial tensors, got {len(initial)}")
         self._history: list[list[paddle.Tensor]] = [list(initial)]
+        self.graph_token = object()
 
     def __call__(self, *args, params: Sequence[paddle.Tensor] | Mapping[str, paddle.Tensor] | None = None,
                  **kwargs):
-        """Run the module with the latest fast weights, or with ``params`` (a list like :meth:`parameters`, or a
+        """Run the module with the latest fast weights, or with ``params`` (a list like `parameters()`, or a
         mapping from parameter names to tensors)."""
         if params is None:
             fast = self._history[-1]
@@ -70,7 +71,8 @@ class FunctionalModel:
         full: list[paddle.Tensor | None] = [None] * self._slot_count
         for i, tensor in zip(self._trainable, fast):
             full[i] = tensor
-        return functional_call(self.module, full, *args, **kwargs)
+        with released.owner(self.graph_token):
+            return functional_call(self.module, full, *args, **kwargs)
 
     forward = __call__
 
@@ -92,7 +94,7 @@ class FunctionalModel:
         return list(self._history[time])
 
     def named_parameters(self, time: int | None = None) -> list[tuple[str, paddle.Tensor]]:
-        """``(name, tensor)`` pairs of :meth:`parameters`."""
+        """``(name, tensor)`` pairs of `parameters()`."""
         return list(zip(self.names, self.parameters(time)))
 
     def _append(self, params: Sequence[paddle.Tensor]) -> None:
@@ -100,13 +102,13 @@ class FunctionalModel:
 
 
 class DifferentiableOptimizer:
-    """The differentiable twin of a Paddle optimizer acting on a :class:`FunctionalModel` (``diffopt``).
+    """The differentiable twin of a Paddle optimizer acting on a `FunctionalModel` (``diffopt``).
 
-    Built by :func:`innerloop_ctx`; see there for the arguments.
+    Built by `innerloop_ctx()`; see there for the arguments.
 
     Attributes:
         optimizer: the Paddle optimizer whose settings are followed (never stepped or modified).
-        twin: the :class:`~paddlefsl.metaopt.optim.OptimizerTwin` doing the update.
+        twin: the `OptimizerTwin` doing the update.
         state: the optimizer state, one dict per fast parameter.
         overrides: for each fast parameter, the overridden hyper-parameters (name to tensor or number).
     """
@@ -195,10 +197,14 @@ class DifferentiableOptimizer:
             SecondOrderError: if an op in the model has no exact higher-order gradient.
         """
         step = self.fmodel.time + 1
+        check_grad_enabled(f"diffopt.step (step {step})")
         check_scalar_loss(loss, f"diffopt.step (step {step})")
         params = self.fmodel.parameters()
-        grads = scope.grad(loss, params, create_graph=self.track_higher_grads, model=self.fmodel.module,
-                           step=step)
+        if self.track_higher_grads:
+            released.check_released([self.fmodel.graph_token], f"diffopt.step (step {step})")
+        with released.owner(self.fmodel.graph_token):
+            grads = scope.grad(loss, params, create_graph=self.track_higher_grads, model=self.fmodel.module,
+                               step=step)
         grads = [None if g is None else (g if self.track_higher_grads else g.detach()) for g in grads]
         if all(g is None for g in grads):
             raise ValueError(f"diffopt.step (step {step}): loss reaches none of the fast weights {self.fmodel.names}")
@@ -230,7 +236,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
     betas, epsilon, L1/L2 regularizers, AdamW's decoupled decay, gradient clipping) but out of place, so the loss
     after ``k`` steps is differentiable w.r.t. everything before. ``optimizer`` itself is never stepped.
     While the block runs (with ``track_higher_grads=True``) Paddle kernels are exact at higher order
-    (:func:`~paddlefsl.metaopt.exact_ops`), or raise :class:`~paddlefsl.metaopt.SecondOrderError`.
+    (`exact_ops()`), or raise `SecondOrderError`.
 
     ``copy_initial_weights`` decides where the meta-gradient of the initial weights goes:
 
@@ -256,7 +262,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
         model: any ``paddle.nn.Layer``; its trainable parameters are the fast weights (frozen ones stay fixed).
         optimizer: a Paddle optimizer holding all of ``model``'s trainable parameters; its type must have a twin
             (SGD, Momentum, Adam, AdamW, RMSProp, Adagrad, Adadelta, or one added with
-            :func:`~paddlefsl.metaopt.optim.register_twin`).
+            `register_twin()`).
         copy_initial_weights: see above.
         override: hyper-parameters given as tensors (or numbers) instead of the optimizer's values, e.g.
             ``{"learning_rate": lr, "momentum": m}`` (``"lr"`` is an alias). A value is one tensor for all
@@ -268,7 +274,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
             weights), and hyper-parameter gradients ignore their effect on later inner gradients.
 
     Yields:
-        ``(fmodel, diffopt)``: a :class:`FunctionalModel` and a :class:`DifferentiableOptimizer`.
+        ``(fmodel, diffopt)``: a `FunctionalModel` and a `DifferentiableOptimizer`.
 
     Raises:
         TypeError: if ``model`` is not a Layer or ``optimizer`` not a Paddle optimizer.
@@ -277,7 +283,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
             hyper-parameter the optimizer does not have or has the wrong number of values.
 
     Example:
-        >>> opt = paddle.optimizer.Momentum(0.3, momentum=0.5, parameters=model.parameters())   # doctest: +SKIP
+        >>> opt = paddle.optimizer.Momentum(0.3, momentum=0.5, parameters=model.parameters())
         >>> lr = paddle.to_tensor(0.3, stop_gradient=False)
         >>> with innerloop_ctx(model, opt, override={"lr": lr}) as (fmodel, diffopt):
         ...     for _ in range(5):

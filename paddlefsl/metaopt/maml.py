@@ -3,7 +3,7 @@
 Optional MAML++ features (Antoniou et al., 2019, "How to train your MAML"), all off by default: learned per-layer
 (per-step) inner learning rates (LSLR), derivative-order annealing (DA), per-step batch-norm running statistics
 (BNRS) and affine weights (BNWB). The multi-step loss (MSL) and cosine annealing of the meta learning rate are in
-:mod:`paddlefsl.metaopt.schedules`.
+`paddlefsl.metaopt.schedules`.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class PerStepBatchNorm(nn.Layer):
                     for _ in range(sets)]))
 
     def swap(self, norm: nn.Layer, k: int) -> dict[str, Any]:
-        """Put set ``k`` into ``norm`` and return what it replaced (for :meth:`restore`)."""
+        """Put set ``k`` into ``norm`` and return what it replaced (for `restore()`)."""
         new = {}
         if self.statistics:
             new["_mean"] = self._buffers[f"mean_{k}"]
@@ -81,7 +81,7 @@ class PerStepBatchNorm(nn.Layer):
 
     @staticmethod
     def restore(norm: nn.Layer, previous: dict[str, Any]) -> None:
-        """Undo :meth:`swap`."""
+        """Undo `swap()`."""
         norm._parameters.update(previous)
 
 
@@ -93,11 +93,11 @@ class MAML(BaseLearner):
 
     * ``learn_inner_lr="per_step_per_layer"`` (LSLR): one learned scalar rate per trainable parameter tensor and per
       inner step, ``learner.inner_lrs[i][k]`` (``inner_lrs[i]`` has shape ``[inner_steps]``), initialised to
-      ``inner_lr``. The ``k``-th :meth:`adapt` of a task learner uses step ``k``'s rates. ``"per_layer"``: one learned
+      ``inner_lr``. The ``k``-th `adapt()` of a task learner uses step ``k``'s rates. ``"per_layer"``: one learned
       rate per parameter tensor shared by all steps (shape ``[1]``). The rates are parameters of the learner, so a
       meta-optimizer over ``learner.parameters()`` trains them.
     * ``first_order_until=N`` (DA): task learners cloned while ``learner.iteration < N`` are first order, later ones
-      second order. :meth:`step` counts iterations; :meth:`set_iteration` sets the count (for loops that call
+      second order. `step()` counts iterations; `set_iteration()` sets the count (for loops that call
       ``loss.backward()`` and the optimizer themselves).
     * ``per_step_bn_stats=True`` (BNRS) / ``per_step_bn_weights=True`` (BNWB): every batch-norm layer keeps
       ``inner_steps + 1`` sets of running statistics / of weight and bias in ``learner.bn_steps``; a forward pass of
@@ -108,7 +108,7 @@ class MAML(BaseLearner):
       the learner's step-``k`` statistics, frozen; ``"shared"``: task learners update the learner's step-``k``
       statistics (as in the paper). With per-step weights, the layers' own weight and bias are unused and are frozen
       (``stop_gradient=True``); the per-step weights are meta-learned and not adapted in the inner loop.
-    * Multi-step loss (MSL): :func:`paddlefsl.metaopt.schedules.multi_step_loss_weights`; you weigh the query loss
+    * Multi-step loss (MSL): `paddlefsl.metaopt.schedules.multi_step_loss_weights()`; you weigh the query loss
       after each inner step (see its example).
     * Cosine annealing of the meta learning rate: pass ``paddle.optimizer.lr.CosineAnnealingDecay`` as the learning
       rate of the meta-optimizer and call its ``step()`` after each ``learner.step(loss)``.
@@ -120,12 +120,12 @@ class MAML(BaseLearner):
         model: the meta-model, any ``paddle.nn.Layer``.
         inner_lr: the inner-loop learning rate (the initial value of learned rates), a positive finite number.
         first_order: use first-order MAML (FOMAML): the meta-gradient is the query gradient at the adapted weights.
-        allow_unused: see :class:`~paddlefsl.metaopt.BaseLearner`.
-        allow_nograd: see :class:`~paddlefsl.metaopt.BaseLearner`.
-        meta_optimizer: see :class:`~paddlefsl.metaopt.BaseLearner`; with learned rates or per-step batch-norm
+        allow_unused: see `BaseLearner`.
+        allow_nograd: see `BaseLearner`.
+        meta_optimizer: see `BaseLearner`; with learned rates or per-step batch-norm
             weights it must hold them too (build it over ``learner.parameters()`` and assign
             ``learner.meta_optimizer``).
-        batch_norm: see :class:`~paddlefsl.metaopt.BaseLearner`.
+        batch_norm: see `BaseLearner`.
         inner_steps: the number of adapt calls per task learner, a positive integer, or ``None`` (unbounded).
         learn_inner_lr: ``None``, ``"per_layer"`` or ``"per_step_per_layer"``.
         first_order_until: the number of meta-iterations to run first order before switching to second order.
@@ -133,7 +133,7 @@ class MAML(BaseLearner):
         per_step_bn_weights: per-step batch-norm weight and bias (BNWB).
 
     Raises:
-        TypeError, ValueError: as :class:`~paddlefsl.metaopt.BaseLearner`, and for bad option values (the message
+        TypeError, ValueError: as `BaseLearner`, and for bad option values (the message
             names the argument and what it expects).
 
     Example:
@@ -146,7 +146,7 @@ class MAML(BaseLearner):
         MAML++ (all options):
 
         >>> learner = MAML(model, 0.1, inner_steps=5, learn_inner_lr="per_step_per_layer", first_order_until=50,
-        ...                per_step_bn_stats=True, per_step_bn_weights=True, batch_norm="shared")  # doctest: +SKIP
+        ...                per_step_bn_stats=True, per_step_bn_weights=True, batch_norm="shared")
         >>> schedule = paddle.optimizer.lr.CosineAnnealingDecay(1e-3, T_max=iterations)
         >>> learner.meta_optimizer = paddle.optimizer.Adam(schedule, parameters=learner.parameters())
         >>> for it in range(iterations):
@@ -277,7 +277,7 @@ class MAML(BaseLearner):
             return super().forward(*args, **kwargs)
 
     def step(self, loss: paddle.Tensor) -> None:
-        """Meta update as :meth:`BaseLearner.step`, then count one meta-iteration (see ``first_order_until``)."""
+        """Meta update as `BaseLearner.step()`, then count one meta-iteration (see ``first_order_until``)."""
         super().step(loss)
         self._iteration += 1
 

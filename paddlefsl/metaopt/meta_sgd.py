@@ -23,17 +23,17 @@ class MetaSGD(BaseLearner):
         inner_lr: the initial value of every learning rate, a positive finite number.
         first_order: use the first-order approximation (inner gradients treated as constants; the learning rates
             still receive gradients through ``w - alpha * g``).
-        allow_unused: see :class:`~paddlefsl.metaopt.BaseLearner`.
-        allow_nograd: see :class:`~paddlefsl.metaopt.BaseLearner` (frozen parameters get no learning rate).
+        allow_unused: see `BaseLearner`.
+        allow_nograd: see `BaseLearner` (frozen parameters get no learning rate).
         meta_optimizer: a ``paddle.optimizer.Optimizer`` over ``learner.parameters()`` (model and learning rates).
-        batch_norm: see :class:`~paddlefsl.metaopt.BaseLearner`.
+        batch_norm: see `BaseLearner`.
 
     Raises:
-        TypeError, ValueError: as :class:`~paddlefsl.metaopt.BaseLearner`; also if ``meta_optimizer`` does not hold
+        TypeError, ValueError: as `BaseLearner`; also if ``meta_optimizer`` does not hold
             the learning rates.
 
     Example:
-        >>> learner = MetaSGD(model, inner_lr=0.1)                                 # doctest: +SKIP
+        >>> learner = MetaSGD(model, inner_lr=0.1)
         >>> learner.meta_optimizer = None
         >>> opt = paddle.optimizer.Adam(1e-3, parameters=learner.parameters())
         >>> task = learner.clone()

@@ -1,7 +1,7 @@
 """Annealing schedules of MAML++ (Antoniou et al., 2019, "How to train your MAML").
 
-* :func:`multi_step_loss_weights`: the importance weights of the multi-step loss (MSL), one per inner step.
-* Derivative-order annealing is the ``first_order_until`` option of :class:`~paddlefsl.metaopt.MAML`.
+* `multi_step_loss_weights()`: the importance weights of the multi-step loss (MSL), one per inner step.
+* Derivative-order annealing is the ``first_order_until`` option of `MAML`.
 * Cosine annealing of the meta learning rate is Paddle's own scheduler, passed to the meta-optimizer::
 
       schedule = paddle.optimizer.lr.CosineAnnealingDecay(learning_rate=1e-3, T_max=total_meta_steps, eta_min=1e-5)
@@ -51,7 +51,7 @@ def multi_step_loss_weights(inner_steps: int, epoch: float, anneal_epochs: float
         ValueError: if an argument is out of range.
 
     Example:
-        >>> weights = multi_step_loss_weights(inner_steps, epoch, anneal_epochs=15)   # doctest: +SKIP
+        >>> weights = multi_step_loss_weights(inner_steps, epoch, anneal_epochs=15)
         >>> task = learner.clone()
         >>> query_losses = []
         >>> for k in range(inner_steps):

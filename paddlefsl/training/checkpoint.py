@@ -2,7 +2,7 @@
 
 A checkpoint is one pickle file holding numpy copies of the model's and optimizer's state, the
 step, the RNG states (Python ``random``, numpy's global generator, Paddle's generators) and any
-picklable ``extra`` data (e.g. an :class:`~paddlefsl.episodes.EpisodeSampler` state).
+picklable ``extra`` data (e.g. an `EpisodeSampler` state).
 
 Model keys are those of the plain model: a wrapper exposing the wrapped model as ``.model`` (as
 ``paddlefsl.metaopt`` learners do) or ``.module`` is unwrapped, so the checkpoint loads into the bare
@@ -85,7 +85,7 @@ def capture_rng_state() -> Dict[str, Any]:
 
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
-    """Restore RNG states captured by :func:`capture_rng_state` (missing entries are skipped)."""
+    """Restore RNG states captured by `capture_rng_state()` (missing entries are skipped)."""
     if state.get("python") is not None:
         random.setstate(state["python"])
     if state.get("numpy") is not None:
@@ -104,7 +104,7 @@ def save_checkpoint(path: str, model: paddle.nn.Layer, optimizer: Optional[paddl
         model: The model, or a wrapper whose ``.model`` / ``.module`` is the model.
         optimizer: Optional optimizer whose state (and LR scheduler state) is saved.
         step: Training step to store.
-        rng_state: RNG states to store; None captures the current ones (:func:`capture_rng_state`).
+        rng_state: RNG states to store; None captures the current ones (`capture_rng_state()`).
         extra: Any picklable additional data.
 
     Returns:
@@ -142,7 +142,7 @@ def save_checkpoint(path: str, model: paddle.nn.Layer, optimizer: Optional[paddl
 def load_checkpoint(path: str, model: Optional[paddle.nn.Layer] = None,
                     optimizer: Optional[paddle.optimizer.Optimizer] = None,
                     restore_rng: bool = True) -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`.
+    """Load a checkpoint written by `save_checkpoint()`.
 
     Args:
         path: Checkpoint file.

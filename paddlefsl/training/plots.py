@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from paddlefsl.dependencies import require
+
 from .metrics import read_jsonl
 
 __all__ = ["plot_learning_curve"]
@@ -29,7 +31,7 @@ def plot_learning_curve(records: Union[str, Sequence[Dict[str, Any]]], out_path:
     """Plot metrics against ``x`` and save a PNG.
 
     Args:
-        records: A JSONL path (see :class:`~paddlefsl.training.metrics.JSONLLogger`) or a list of dicts.
+        records: A JSONL path (see `JSONLLogger`) or a list of dicts.
         out_path: PNG file to write (parent folders are created).
         keys: Metrics to plot, one subplot each; None plots every numeric key except ``x`` and ``time``.
         x: Key used for the horizontal axis (records lacking it use their position).
@@ -44,6 +46,7 @@ def plot_learning_curve(records: Union[str, Sequence[Dict[str, Any]]], out_path:
     Raises:
         ValueError: If there is nothing numeric to plot.
     """
+    require("matplotlib", "plot", "plot_learning_curve")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

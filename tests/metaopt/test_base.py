@@ -7,7 +7,7 @@ import paddle.nn.functional as F
 import pytest
 from paddle import _C_ops, nn
 
-from paddlefsl.metaopt import MAML, BaseLearner, SecondOrderError
+from paddlefsl.metaopt import ANIL, MAML, BaseLearner, MetaSGD, SecondOrderError
 from paddlefsl.metaopt.autodiff import is_active, registry
 from tests.metaopt.models import mlp, regression_task
 
@@ -31,6 +31,33 @@ def test_inner_lr_must_be_positive_and_finite(lr):
 def test_inner_lr_must_be_a_number(lr):
     with pytest.raises(TypeError, match="inner_lr must be a positive finite number"):
         MAML(mlp(), inner_lr=lr)
+
+
+LEARNERS = {
+    "MAML": lambda **kw: MAML(mlp(), **kw),
+    "MetaSGD": lambda **kw: MetaSGD(mlp(), **kw),
+    "ANIL": lambda **kw: ANIL(mlp((1, 8)), nn.Linear(8, 1), **kw),
+}
+
+
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
+@pytest.mark.parametrize("alias", ["lr", "fast_lr", "step_size"])
+def test_other_libraries_name_for_the_inner_rate_points_to_inner_lr(learner, alias):
+    with pytest.raises(TypeError, match=rf"{learner}\(\): unexpected keyword argument '{alias}': the inner-loop "
+                                        rf"learning rate is called inner_lr here"):
+        LEARNERS[learner](**{alias: 0.4})
+
+
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
+def test_a_misspelt_argument_gets_a_suggestion_and_the_accepted_list(learner):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'firstorder'; did you mean 'first_order'\?"
+                                        r" \(it takes: .*inner_lr, first_order"):
+        LEARNERS[learner](inner_lr=0.1, firstorder=True)
+
+
+def test_a_missing_inner_lr_is_named():
+    with pytest.raises(TypeError, match=r"MAML\(\): missing a required argument: 'inner_lr'"):
+        MAML(mlp())
 
 
 def test_model_must_be_a_layer():
@@ -244,3 +271,79 @@ def test_an_op_without_exact_rule_raises_naming_op_layer_and_way_out():
     del task, first, info  # the traceback in info keeps the task learner alive
     gc.collect()
     assert _stock_kernels() == stock
+
+
+@pytest.mark.parametrize("learner", sorted(LEARNERS))
+def test_adapt_under_no_grad_says_so(learner):
+    task = LEARNERS[learner](inner_lr=0.1).clone()
+    xs, ys, _, _ = regression_task()
+    loss = F.mse_loss(task(xs), ys)
+    with paddle.no_grad():
+        with pytest.raises(RuntimeError, match=r"adapt step 1: gradient recording is off \(inside paddle.no_grad"):
+            task.adapt(loss)
+
+
+def test_a_loss_computed_under_no_grad_hints_at_no_grad():
+    task = MAML(mlp(), inner_lr=0.1).clone()
+    xs, ys, _, _ = regression_task()
+    with paddle.no_grad():
+        loss = F.mse_loss(task(xs), ys)
+    with pytest.raises(ValueError, match=r"not connected .* was it computed inside paddle.no_grad\(\)"):
+        task.adapt(loss)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8"])
+def test_integer_images_into_a_conv_name_the_input_and_the_cast(dtype):
+    model = nn.Sequential(nn.Conv2D(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    task = MAML(model, inner_lr=0.1).clone()
+    x = paddle.to_tensor(np.random.randint(0, 255, (4, 1, 8, 8)).astype(dtype))
+    with pytest.raises(TypeError, match=rf"input 0 has dtype paddle.{dtype}, but the model's conv2d kernel takes "
+                                        r"floating point data only; cast it, e.g. x.astype\(paddle.float64\)"):
+        task(x)
+
+
+def test_integer_inputs_that_the_model_takes_still_work():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
+    task = MAML(model, inner_lr=0.1).clone()
+    ids = paddle.to_tensor([[1, 2], [3, 4]], dtype="int64")
+    task.adapt(F.cross_entropy(task(ids), paddle.to_tensor([0, 1])))
+    assert task(ids).shape == [2, 2]
+
+
+def _conv_bn_model():
+    paddle.seed(3)
+    return nn.Sequential(nn.Conv2D(1, 3, 3, padding=1), nn.BatchNorm2D(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 2))
+
+
+def _bn_task_data():
+    return paddle.randn([4, 1, 4, 4]), paddle.to_tensor([0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("policy", ["batch", "shared"])
+def test_eval_mode_with_untrained_statistics_warns_once_and_names_the_policy(policy):
+    learner = MAML(_conv_bn_model(), inner_lr=0.1, batch_norm=policy)
+    learner.eval()
+    x, y = _bn_task_data()
+    with pytest.warns(UserWarning, match=rf"batch-norm layers \['1'\] of a task learner run in eval mode with "
+                                         rf"running statistics that were never updated .* batch_norm='{policy}'"):
+        task = learner.clone()
+        task.adapt(F.cross_entropy(task(x), y))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task(x)
+        learner.clone()(x)
+
+
+def test_train_mode_or_trained_statistics_do_not_warn():
+    import warnings
+    x, y = _bn_task_data()
+    learner = MAML(_conv_bn_model(), inner_lr=0.1, batch_norm="shared")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", "When training, we now always track")
+        task = learner.clone()
+        task.adapt(F.cross_entropy(task(x), y))       # train mode: batch statistics, and the shared ones move
+        learner.eval()
+        learner.clone()(x)                             # eval mode with trained statistics

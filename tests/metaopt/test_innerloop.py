@@ -316,3 +316,13 @@ def test_agrees_with_anil(steps):
                                                                                    head_b.parameters()))
     for a, b in pairs:
         np.testing.assert_allclose(b.grad.numpy(), a.grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_diffopt_step_under_no_grad_says_so():
+    model = mlp()
+    xs, ys, _, _ = regression_task()
+    with innerloop_ctx(model, O.SGD(0.1, parameters=model.parameters())) as (fmodel, diffopt):
+        loss = F.mse_loss(fmodel(xs), ys)
+        with paddle.no_grad():
+            with pytest.raises(RuntimeError, match=r"diffopt.step \(step 1\): gradient recording is off"):
+                diffopt.step(loss)

@@ -2,7 +2,7 @@
 
 Multi-input rules use one single-input PyLayer per differentiable input. Paddle prunes the input slots of a
 PyLayer that do not lead to the tensors asked for in ``paddle.grad`` and then refuses a gradient for them, so a
-multi-input PyLayer breaks ``paddle.grad(loss, [x])`` when another input also needs a gradient. :func:`apply_rule`
+multi-input PyLayer breaks ``paddle.grad(loss, [x])`` when another input also needs a gradient. `apply_rule()`
 therefore gives each input that needs a gradient its own single-input PyLayer whose backward closes over the other
 (live, differentiable) inputs, so cross derivatives are kept at every order.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import paddle
-from paddle.autograd import PyLayer
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 from paddlefsl.metaopt.autodiff.registry import original
 
@@ -20,7 +20,7 @@ Tensor = paddle.Tensor
 __all__ = ["apply_rule", "pointwise", "ints", "lean_shape", "channel_last", "to_channel_first", "to_channel_last"]
 
 
-class _Slot(PyLayer):
+class _Slot(GuardedPyLayer):
     """One differentiable input of a rule: forward returns ``value()``, backward returns ``grad(*gys)``."""
 
     @staticmethod
@@ -59,7 +59,7 @@ def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
     return out
 
 
-class _Pointwise(PyLayer):
+class _Pointwise(GuardedPyLayer):
     """y = kernel(x, *attrs) elementwise; backward is grad * deriv(x), written in differentiable Paddle ops."""
 
     @staticmethod

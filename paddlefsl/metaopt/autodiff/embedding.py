@@ -1,6 +1,6 @@
 """Embedding lookups: an exact ``embedding`` rule; ``one_hot`` has no gradient and is declared stock.
 
-``embedding(ids, W)`` is linear in ``W``. The rule is a :class:`~paddlefsl.metaopt.autodiff.tensor._LinearMap`
+``embedding(ids, W)`` is linear in ``W``. The rule is a `_LinearMap`
 whose adjoint is Paddle's dense ``embedding_grad`` kernel (a scatter-add of the output gradient into the rows of
 ``W``, skipping ``padding_idx``); the adjoint's own adjoint is the lookup again, so every order is exact.
 Gradients are always dense (``sparse=True`` gives the same values as a dense tensor inside the exact scope).

@@ -5,7 +5,7 @@ Paddle ops, so its gradients are exact at every order inside the exact scope. Wh
 gradient for a floating input that the loss depends on (soft labels, ``pos_weight``, targets), the rule gives the
 true one. ``mse_loss`` and ``l1_loss`` are built from stock elementwise ops and need no rule. Class weights of
 ``nll_loss`` are treated as constants, as in stock Paddle. Each input that needs a gradient gets its own
-single-input PyLayer (:func:`~paddlefsl.metaopt.autodiff.common.apply_rule`), so ``paddle.grad`` with respect to
+single-input PyLayer (`apply_rule()`), so ``paddle.grad`` with respect to
 any subset of the inputs works.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ With ``x_hat = (x - mean_R(x)) * s``, ``s = 1 / sqrt(var_R(x) + eps)`` (biased v
 
 When statistics are fixed (batch norm in eval mode) ``dx = g * w * s``.
 
-Inputs are differentiated one PyLayer each (:func:`~paddlefsl.metaopt.autodiff.common.apply_rule`).
+Inputs are differentiated one PyLayer each (`apply_rule()`).
 """
 from __future__ import annotations
 

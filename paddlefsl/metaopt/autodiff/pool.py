@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import paddle
-from paddle.autograd import PyLayer
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 from paddlefsl.metaopt.autodiff.common import channel_last, ints, to_channel_first, to_channel_last
 from paddlefsl.metaopt.autodiff.conv import resolve_padding
@@ -37,7 +37,7 @@ class _LinearMap:
         self.adjoint = adjoint
 
 
-class _Forward(PyLayer):
+class _Forward(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, op: _LinearMap):
         ctx.op = op
@@ -48,7 +48,7 @@ class _Forward(PyLayer):
         return _Adjoint.apply(grad, ctx.op)
 
 
-class _Adjoint(PyLayer):
+class _Adjoint(GuardedPyLayer):
     @staticmethod
     def forward(ctx, g, op: _LinearMap):
         ctx.op = op
@@ -83,7 +83,7 @@ def _avg_pool(name: str, x, args: tuple, kwargs: dict) -> paddle.Tensor:
 # Max pooling: gather at precomputed argmax indices; scatter back. Gather and scatter are each other's gradient.
 # ----------------------------------------------------------------------------------------------------------------
 
-class _Gather(PyLayer):
+class _Gather(GuardedPyLayer):
     @staticmethod
     def forward(ctx, src, index, size: int):
         ctx.index = index
@@ -95,7 +95,7 @@ class _Gather(PyLayer):
         return _Scatter.apply(grad, ctx.index, ctx.size)
 
 
-class _Scatter(PyLayer):
+class _Scatter(GuardedPyLayer):
     @staticmethod
     def forward(ctx, values, index, size: int):
         ctx.index = index
@@ -122,7 +122,7 @@ def scatter_add(values: paddle.Tensor, index: paddle.Tensor, size: int) -> paddl
     return _Scatter.apply(values, index, size)
 
 
-class _MaxPool(PyLayer):
+class _MaxPool(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, compute: Callable):
         y, index, valid = compute(x)

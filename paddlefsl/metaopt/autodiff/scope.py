@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator
 import paddle
 import paddle.autograd
 from paddle import _C_ops, _legacy_C_ops
-from paddle.autograd import PyLayer
 
 from paddlefsl.metaopt.errors import SecondOrderError
 from paddlefsl.metaopt.autodiff import audit, registry
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 OUTSIDE = "<outside the model>"
 UNTRACED = "<unknown (a door paddlefsl does not guard)>"
@@ -69,7 +69,7 @@ def _raise(err: SecondOrderError) -> None:
     raise err
 
 
-class _Tripwire(PyLayer):
+class _Tripwire(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, op, layer):
         ctx.op = op

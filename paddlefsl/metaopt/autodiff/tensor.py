@@ -2,7 +2,7 @@
 
 Kernels whose stock Paddle double gradient was checked against finite differences are declared stock. The others
 (Paddle raises "doesn't have any grad op" when differentiating their gradient twice, or they are guarded by
-default) get exact rules here. Linear kernels use :class:`_LinearMap`, a PyLayer whose backward is the same PyLayer
+default) get exact rules here. Linear kernels use `_LinearMap`, a PyLayer whose backward is the same PyLayer
 applied with the adjoint map, so every order is exact: the adjoint of the adjoint is the forward's linear part.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import paddle
-from paddle.autograd import PyLayer
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 from paddlefsl.metaopt.autodiff.common import apply_rule, lean_shape, pointwise
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock, verified, verified_operator_node
@@ -44,7 +44,7 @@ verified_operator_node("DivScaleGradNode", "`x / c` for a Python number c (Tenso
 
 def _binary(name: str) -> Callable:
     """The stock binary kernel ``name``, with the leading size-1 axes of a broadcast operand dropped first
-    (:func:`~paddlefsl.metaopt.autodiff.common.lean_shape`: conv biases and normalization statistics hit Paddle's
+    (`lean_shape()`: conv biases and normalization statistics hit Paddle's
     slow broadcast). The values and Paddle's own (exact) gradients are unchanged."""
     kernel = original(name)
 
@@ -106,7 +106,7 @@ def _sum_to(g: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
 
 
 def _sum_to_public(g: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
-    """Like :func:`_sum_to` with public (recorded, differentiable) ops, for use inside backward."""
+    """Like `_sum_to()` with public (recorded, differentiable) ops, for use inside backward."""
     shape = list(shape)
     lead = len(g.shape) - len(shape)
     axes = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1]
@@ -115,7 +115,7 @@ def _sum_to_public(g: paddle.Tensor, shape: Sequence[int]) -> paddle.Tensor:
     return paddle.reshape(g, shape)
 
 
-class _LinearMap(PyLayer):
+class _LinearMap(GuardedPyLayer):
     """y = fwd(x) for a linear (or affine) map; backward applies the adjoint ``adj`` as another _LinearMap."""
 
     @staticmethod
@@ -216,7 +216,7 @@ def mean_all(x, out=None, **kwargs):
     return _linear(x, lambda t: original("mean_all")(t), adj)
 
 
-class _Unstack(PyLayer):
+class _Unstack(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, axis, num):
         ctx.axis = axis
@@ -267,7 +267,7 @@ def _reduced_axes(axis: Any, ndim: int) -> list[int]:
     return sorted(a % ndim for a in axes)
 
 
-class _Extremum(PyLayer):
+class _Extremum(GuardedPyLayer):
     """max/min/amax/amin: the gradient goes to the arg-extrema, split evenly among ties (as Paddle does)."""
 
     @staticmethod
@@ -303,7 +303,7 @@ for _name in ("max", "min", "amax", "amin"):
     exact(_name, "tensor", "gradient to the arg-extrema, ties split evenly")(_extremum(_name))
 
 
-class _Reciprocal(PyLayer):
+class _Reciprocal(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x):
         y = original("reciprocal")(x)
@@ -360,7 +360,7 @@ def bilinear(x, y, weight, bias=None, out=None, **kwargs):
     return result
 
 
-class _PNorm(PyLayer):
+class _PNorm(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, porder, axis, epsilon, keepdim, asvector):
         y = original("p_norm")(x, porder, axis, epsilon, keepdim, asvector)

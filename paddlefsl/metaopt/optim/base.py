@@ -14,7 +14,7 @@ Per-parameter settings are plain dicts ("hyper" dicts). Every twin understands t
   AdamW, the decoupled decay coefficient.
 * ``grad_clip``: the ``paddle.nn.ClipGrad*`` object of the parameter's group, or ``None``.
 
-plus the optimizer's own keys (``momentum``, ``beta1``, ...), listed in :attr:`OptimizerTwin.group_keys`.
+plus the optimizer's own keys (``momentum``, ``beta1``, ...), listed in `OptimizerTwin.group_keys`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import paddle
-from paddle.autograd import PyLayer
+from paddlefsl.metaopt.autodiff.audit import exact_pylayer
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 __all__ = ["OptimizerTwin", "register_twin", "twin_for", "registered_twins", "safe_sqrt", "clip_gradients",
            "regularize", "as_dtype_of", "as_float32", "param_groups"]
@@ -33,7 +34,8 @@ State = list[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------------ numerics
-class _SafeSqrt(PyLayer):
+@exact_pylayer
+class _SafeSqrt(GuardedPyLayer):
     """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of infinity (so ``0 * inf`` never makes NaN)."""
 
     @staticmethod
@@ -172,12 +174,12 @@ def _regularizer_of(optimizer: paddle.optimizer.Optimizer, param: paddle.Tensor)
 class OptimizerTwin(abc.ABC):
     """The differentiable twin of one Paddle optimizer class: functional ``init`` / ``update``.
 
-    Subclasses set :attr:`paddle_type`, :attr:`group_keys` (settings read from a parameter group or the optimizer's
-    defaults, as Paddle's ``_update_param_group`` does) and :attr:`hyper_names` (the settings a user may override
-    with tensors), and implement :meth:`init_one` and :meth:`update_one` for one parameter.
+    Subclasses set `paddle_type`, `group_keys` (settings read from a parameter group or the optimizer's
+    defaults, as Paddle's ``_update_param_group`` does) and `hyper_names` (the settings a user may override
+    with tensors), and implement `init_one()` and `update_one()` for one parameter.
 
     Example:
-        >>> twin = twin_for(paddle.optimizer.Adam(0.1, parameters=model.parameters()))   # doctest: +SKIP
+        >>> twin = twin_for(paddle.optimizer.Adam(0.1, parameters=model.parameters()))
         >>> state = twin.init(params, hyper)
         >>> params, state = twin.update(grads, state, params, hyper)
     """
@@ -238,7 +240,7 @@ class OptimizerTwin(abc.ABC):
 
         Args:
             grads: one gradient per parameter (already clipped, not yet regularized), or ``None``.
-            state: the state from :meth:`init` or the previous :meth:`update`.
+            state: the state from `init()` or the previous `update()`.
             params: the current parameters.
             hyper: one hyper dict per parameter, with ``learning_rate`` set.
 
@@ -282,13 +284,13 @@ def register_twin(paddle_type: type, twin: OptimizerTwin | type[OptimizerTwin]) 
 
     Args:
         paddle_type: a ``paddle.optimizer.Optimizer`` subclass, e.g. your own optimizer class.
-        twin: an :class:`OptimizerTwin` instance or subclass.
+        twin: an `OptimizerTwin` instance or subclass.
 
     Raises:
         TypeError: if the arguments have the wrong types.
 
     Example:
-        >>> class MySGDTwin(OptimizerTwin): ...              # doctest: +SKIP
+        >>> class MySGDTwin(OptimizerTwin): ...
         >>> register_twin(MySGD, MySGDTwin)
     """
     if not (isinstance(paddle_type, type) and issubclass(paddle_type, paddle.optimizer.Optimizer)):

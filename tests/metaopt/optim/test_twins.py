@@ -1,4 +1,6 @@
 """Each differentiable twin against Paddle's own optimizer, and its meta-gradients against finite differences."""
+from __future__ import annotations
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F
