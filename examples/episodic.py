@@ -76,8 +76,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--ways must be at least 2")
     if not (args.inner_lr > 0 and args.meta_lr > 0):
         p.error("--inner-lr and --meta-lr must be positive")
-    if not os.path.isdir(args.data_root):
-        p.error(f"--data-root {args.data_root!r} is not a folder")
+    if getattr(args, "download", False):
+        os.makedirs(args.data_root, exist_ok=True)
+    elif not os.path.isdir(args.data_root):
+        fetch = " (create it, or pass --download to have this script fetch the files into it)" \
+            if "download" in args else ""
+        p.error(f"--data-root {args.data_root!r} is not a folder{fetch}")
     if any(i < 1 or i > args.iterations for i in args.eval_at):
         p.error(f"--eval-at iterations must lie in 1..{args.iterations}, got {args.eval_at}")
     if args.learn_inner_lr and args.algorithm == "anil":
