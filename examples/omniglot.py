@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import paddle
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from episodic import check_args, parser, run  # noqa: E402
@@ -50,7 +51,16 @@ def lake_runs(meta_learner) -> dict:
     runs = OmniglotOneShotRuns(args.data_root)
     predictors = {"lake_20way_one_shot_error": head_predictor(wide_head_learner(args, meta_learner), lake_steps(args)),
                   "lake_20way_one_shot_error_nearest": nearest_predictor(meta_learner)}
-    return {key: float(np.round(runs.evaluate_one_shot_runs(predict), 4)) for key, predict in predictors.items()}
+    with tqdm(total=len(predictors) * len(runs), desc="Lake's runs", leave=False, dynamic_ncols=True) as bar:
+        def counted(predict):
+            def predict_and_count(support, query):
+                try:
+                    return predict(support, query)
+                finally:
+                    bar.update()
+            return predict_and_count
+        return {key: float(np.round(runs.evaluate_one_shot_runs(counted(predict)), 4))
+                for key, predict in predictors.items()}
 
 
 run(args, model, train, test, extra_eval=lake_runs)

@@ -6,12 +6,10 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from paddlefsl.datasets import file_digests
-from tests.datasets.conftest import make_omniglot_zip, make_runs_zip
 from tests.examples.scripts import ROOT, run_example
 
 # Runs examples/omniglot.py with OMNIGLOT_FILES replaced by the JSON in $TEST_OMNIGLOT_FILES.
@@ -27,16 +25,10 @@ SHORT = ["--iterations", "2", "--meta-batch", "2", "--eval-tasks", "3", "--query
 
 
 @pytest.fixture
-def server(tmp_path):
-    """Synthetic minimal-split zips and all_runs.zip, with their checksums, as OMNIGLOT_FILES entries."""
-    folder = tmp_path / "server"
-    folder.mkdir()
-    make_omniglot_zip(folder / "images_background_small1.zip", "images_background_small1", {"A": 3, "B": 3})
-    make_omniglot_zip(folder / "images_background_small2.zip", "images_background_small2", {"A": 2, "C": 3, "D": 3},
-                      start_id=6)
-    make_runs_zip(folder / "all_runs.zip", n_runs=2, n_classes=20, size=24)
+def server(synthetic_omniglot):
+    """OMNIGLOT_FILES entries serving the synthetic minimal split and all_runs.zip from file:// URLs."""
     return {path.name: {"url": path.as_uri(), "sha256": file_digests(str(path), ("sha256",))["sha256"]}
-            for path in folder.iterdir()}
+            for path in synthetic_omniglot.iterdir()}
 
 
 def _launch(files: dict, *args):
