@@ -332,9 +332,15 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
                   f"To evaluate, run the same command with --resume.", file=sys.stderr)
             raise SystemExit(130)
     records = read_jsonl(metrics_path) + [{"step": args.iterations, **final}]
+    steps = f"{args.inner_steps} inner step{'s' if args.inner_steps > 1 else ''}"
     plot_learning_curve(records, os.path.join(args.out, "learning_curve.png"),
                         keys=["loss", "accuracy", "test_accuracy"], smoothing={"loss": 5, "accuracy": 5},
-                        title=f"{args.algorithm} {args.ways}-way {args.shots}-shot")
+                        title=f"{args.algorithm} {args.ways}-way {args.shots}-shot", xlabel="meta-train iteration",
+                        labels={"loss": f"meta-train loss: query cross-entropy, meta-batch of {args.meta_batch} "
+                                         f"tasks, {steps}",
+                                "accuracy": f"meta-train accuracy: query accuracy of the same tasks, {steps}",
+                                "test_accuracy": f"test accuracy: {args.eval_tasks} test tasks, "
+                                                 f"{args.test_inner_steps} adaptation steps"})
     results = dict(final)
     results.update(iterations=args.iterations, seconds=round(seconds, 1),
                    seconds_per_iteration=round(seconds / args.iterations, 3), config=vars(args))
