@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
 
+from paddlefsl.training import save_checkpoint
 from tests.examples.scripts import ROOT, read_checkpoint, run_example
 
 sys.path.insert(0, str(ROOT / "examples"))
-from episodic import CHANGEABLE_ON_RESUME, CtrlC, config_differences, run_config  # noqa: E402
+from episodic import (CHANGEABLE_ON_RESUME, CtrlC, check_resume, config_differences, parser,  # noqa: E402
+                      run_config)
 
 SMALL = ["--meta-batch", "2", "--query", "2", "--test-inner-steps", "1", "--eval-tasks", "3"]
 
@@ -145,3 +148,10 @@ def test_first_ctrl_c_waits_for_a_safe_point_and_a_second_one_interrupts_at_once
         with pytest.raises(KeyboardInterrupt):
             ctrl_c()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_checkpoint_without_stored_options_is_resumed_with_a_note(tmp_path, capsys):
+    save_checkpoint(tmp_path / "checkpoint.pkl", paddle.nn.Linear(2, 2), step=3, extra={"seconds": 1.0})
+    p = parser("test", dict(query=5, iterations=10, meta_batch=4, inner_steps=1, test_inner_steps=3, inner_lr=0.4))
+    check_resume(p, p.parse_args(["--data-root", str(tmp_path), "--out", str(tmp_path), "--resume"]))
+    assert "predates stored run settings" in capsys.readouterr().err
