@@ -9,7 +9,11 @@ import argparse
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -21,9 +25,20 @@ from tqdm import tqdm
 from paddlefsl.augment import RandomShift
 from paddlefsl.episodes import EpisodeSampler, make_task, mean_confidence_interval
 from paddlefsl.metaopt import ANIL, MAML, BaseLearner
-from paddlefsl.training import JSONLLogger, load_checkpoint, plot_learning_curve, read_jsonl, save_checkpoint
+from paddlefsl.training import (JSONLLogger, capture_rng_state, load_checkpoint, plot_learning_curve, read_jsonl,
+                                save_checkpoint)
 
 ALGORITHMS = ("maml", "fomaml", "anil")
+
+#: Options a resumed run may change: they decide what is evaluated and recorded, how long to go on and where the
+#: files are, never what the meta-training so far meant. Every other option must match the checkpoint's run.
+CHANGEABLE_ON_RESUME = ("iterations", "eval_tasks", "eval_at", "test_inner_steps", "checkpoint_every", "log_every",
+                        "data_root", "download", "out", "resume")
+
+# Paddle warns on every training-mode batch norm call from the first one on; the examples know, and the warning
+# would print into the middle of the progress bar.
+warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance",
+                        category=UserWarning)
 
 
 def int_list(text: str) -> list[int]:
@@ -76,8 +91,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--ways must be at least 2")
     if not (args.inner_lr > 0 and args.meta_lr > 0):
         p.error("--inner-lr and --meta-lr must be positive")
-    if not os.path.isdir(args.data_root):
-        p.error(f"--data-root {args.data_root!r} is not a folder")
+    if getattr(args, "download", False):
+        os.makedirs(args.data_root, exist_ok=True)
+    elif not os.path.isdir(args.data_root):
+        fetch = " (create it, or pass --download to have this script fetch the files into it)" \
+            if "download" in args else ""
+        p.error(f"--data-root {args.data_root!r} is not a folder{fetch}")
     if any(i < 1 or i > args.iterations for i in args.eval_at):
         p.error(f"--eval-at iterations must lie in 1..{args.iterations}, got {args.eval_at}")
     if args.learn_inner_lr and args.algorithm == "anil":
@@ -85,8 +104,48 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.learn_inner_lr == "per_step_per_layer" and args.test_inner_steps > args.inner_steps:
         p.error(f"--learn-inner-lr per_step_per_layer learns --inner-steps={args.inner_steps} rates per layer, so "
                 f"--test-inner-steps must not exceed it, got {args.test_inner_steps}")
-    if args.resume and not os.path.exists(os.path.join(args.out, "checkpoint.pkl")):
-        p.error(f"--resume: no checkpoint at {os.path.join(args.out, 'checkpoint.pkl')}")
+    if args.resume:
+        check_resume(p, args)
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The options that define a run's meta-training (all but ``CHANGEABLE_ON_RESUME``), stored in its checkpoints."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in CHANGEABLE_ON_RESUME}
+
+
+def config_differences(stored: dict, args: argparse.Namespace) -> list[str]:
+    """One line per option whose value differs between a checkpoint's ``run_config`` and ``args``."""
+    now = run_config(args)
+    missing = object()
+    lines = []
+    for key in sorted(set(stored) | set(now)):
+        before, after = stored.get(key, missing), now.get(key, missing)
+        if before != after:
+            show = (lambda v: "(not set)" if v is missing else repr(v))
+            lines.append(f"  --{key.replace('_', '-')}: {show(before)} in the checkpoint, {show(after)} now")
+    return lines
+
+
+def check_resume(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a clear message unless ``OUT/checkpoint.pkl`` exists and was written with the same meta-training
+    options as ``args`` (only those in ``CHANGEABLE_ON_RESUME`` may differ)."""
+    path = os.path.join(args.out, "checkpoint.pkl")
+    if not os.path.exists(path):
+        p.error(f"--resume: no checkpoint at {path}")
+    try:
+        extra = load_checkpoint(path, restore_rng=False)["extra"] or {}
+    except (ValueError, OSError, EOFError) as err:
+        p.error(f"--resume: cannot read {path}: {err}")
+    if "config" not in extra:
+        print(f"note: {path} predates stored run settings, so they cannot be checked against these options; "
+              f"resuming with them as given", file=sys.stderr)
+        return
+    differences = config_differences(extra["config"], args)
+    if differences:
+        changeable = ", ".join("--" + k.replace("_", "-") for k in CHANGEABLE_ON_RESUME if k != "resume")
+        p.error(f"--resume: these options differ from the run in {path}:\n" + "\n".join(differences) +
+                f"\nA resumed run must continue the same meta-training; only {changeable} may change. Pass the "
+                f"checkpoint's values, or start a new run with another --out.")
 
 
 def cosine_factor(iteration: int, horizon: int) -> float:
@@ -112,11 +171,15 @@ def adapt_and_predict(learner: BaseLearner, xs, ys, xq, steps: int, first_order:
     return task, task(xq)
 
 
-def evaluate(learner: BaseLearner, args: argparse.Namespace, images, labels, tasks: int, seed: int) -> tuple:
-    """Mean accuracy and 95% CI over ``tasks`` test tasks, adapting ``--test-inner-steps`` times (first order)."""
+def evaluate(learner: BaseLearner, args: argparse.Namespace, images, labels, tasks: int, seed: int,
+             check: Callable[[], None] | None = None) -> tuple:
+    """Mean accuracy and 95% CI over ``tasks`` test tasks, adapting ``--test-inner-steps`` times (first order);
+    ``check()``, if given, is called before each task (``CtrlC.check``)."""
     sampler = EpisodeSampler(labels, args.ways, args.shots, args.query, seed=seed, num_tasks=tasks)
     accuracies = []
-    for task in sampler:
+    for task in tqdm(sampler, total=tasks, desc="test tasks", leave=False, dynamic_ncols=True):
+        if check is not None:
+            check()
         xs, ys, xq, yq = make_task(images, labels, task, to_tensor=True)
         _, logits = adapt_and_predict(learner, xs, ys, xq, args.test_inner_steps, first_order=True)
         accuracies.append(float((logits.argmax(axis=1) == yq).astype("float32").mean().item()))
@@ -124,20 +187,57 @@ def evaluate(learner: BaseLearner, args: argparse.Namespace, images, labels, tas
 
 
 def test_record(learner: BaseLearner, args: argparse.Namespace, test,
-                extra_eval: Callable[[BaseLearner], dict] | None) -> dict:
-    """Test accuracy and 95% CI over ``--eval-tasks`` tasks (always the same tasks), plus ``extra_eval``'s keys."""
-    accuracy, ci95 = evaluate(learner, args, test.images, test.labels, args.eval_tasks, seed=args.seed + 1000)
+                extra_eval: Callable[[BaseLearner], dict] | None, check: Callable[[], None] | None = None) -> dict:
+    """Test accuracy and 95% CI over ``--eval-tasks`` tasks (always the same tasks), plus ``extra_eval``'s keys;
+    ``check`` as in ``evaluate``, and once more after ``extra_eval``."""
+    accuracy, ci95 = evaluate(learner, args, test.images, test.labels, args.eval_tasks, seed=args.seed + 1000,
+                              check=check)
     record = {"test_accuracy": accuracy, "test_ci95": ci95}
     if extra_eval is not None:
         record.update(extra_eval(learner))
+        if check is not None:
+            check()
     return record
+
+
+class CtrlC:
+    """Inside this context the first Ctrl-C only asks to stop: the loops call ``check()`` at safe points (after a
+    meta-update, between test tasks), which raises ``KeyboardInterrupt`` there. The signal cannot simply interrupt
+    wherever it lands: inside a backward pass Paddle turns ``KeyboardInterrupt`` into an ``OSError`` with a long C++
+    trace, and between two parameter updates it would leave the weights half-updated. A second Ctrl-C interrupts at
+    once, without saving."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "CtrlC":
+        if threading.current_thread() is threading.main_thread():   # only the main thread may handle signals
+            self._previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\nCtrl-C: stopping after the current step (press it again to quit at once, without saving)",
+              file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def run(args: argparse.Namespace, model: nn.Layer, train, test,
         extra_eval: Callable[[BaseLearner], dict] | None = None) -> dict:
     """Meta-train ``model`` on ``train`` episodes, checkpointing and logging, then evaluate on ``test``.
 
-    Returns the results dict also written to ``OUT/results.json``.
+    Returns the results dict also written to ``OUT/results.json``. On Ctrl-C, finishes the current meta-iteration
+    (or test task), saves a checkpoint, says how to resume, and exits with status 130.
     """
     os.makedirs(args.out, exist_ok=True)
     paddle.seed(args.seed)
@@ -167,43 +267,80 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
         os.remove(metrics_path)
 
     logger = JSONLLogger(metrics_path)
-    bar = tqdm(range(start_iteration + 1, args.iterations + 1), initial=start_iteration, total=args.iterations,
-               desc=f"{args.algorithm} {args.ways}-way {args.shots}-shot", dynamic_ncols=True)
-    tic = time.time()
-    for iteration in bar:
-        losses, correct = [], 0.0
-        for _ in range(args.meta_batch):
-            xs, ys, xq, yq = make_task(train.images, train.labels, sampler.sample())
-            xs, ys, xq, yq = (paddle.to_tensor(a) for a in (shift(xs), ys, shift(xq), yq))
-            _, logits = adapt_and_predict(learner, xs, ys, xq, args.inner_steps)
-            losses.append(F.cross_entropy(logits, yq))
-            correct += float((logits.argmax(axis=1) == yq).astype("float32").mean().item())
-        loss = paddle.stack(losses).mean()
-        learner.step(loss)
-        if schedule is not None:
-            schedule.step()
-        accuracy = correct / args.meta_batch
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
-        if iteration % args.log_every == 0 or iteration == args.iterations:
-            logger.log(step=iteration, loss=float(loss.item()), accuracy=accuracy)
-        if iteration in args.eval_at and iteration != args.iterations:
-            pause = time.time()
-            record = test_record(learner, args, test, extra_eval)
-            logger.log(step=iteration, **record)
-            bar.write(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
-            tic += time.time() - pause
-        if iteration % args.checkpoint_every == 0 or iteration == args.iterations:
-            save_checkpoint(checkpoint, learner, optimizer, step=iteration,
-                            extra={"sampler": sampler.get_state(), "augment": shift.get_state(),
-                                   "seconds": seconds + time.time() - tic})
-    logger.close()
-    seconds += time.time() - tic
+    with CtrlC() as ctrl_c:
 
-    final = test_record(learner, args, test, extra_eval)
+        def test_at(iteration: int) -> None:
+            record = test_record(learner, args, test, extra_eval, ctrl_c.check)
+            logger.log(step=iteration, **record)
+            tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+
+        def snapshot(iteration: int, elapsed: float) -> dict:
+            """What a checkpoint at ``iteration`` holds besides the weights."""
+            return dict(step=iteration, rng_state=capture_rng_state(),
+                        extra={"sampler": sampler.get_state(), "augment": shift.get_state(), "seconds": elapsed,
+                               "config": run_config(args)})
+
+        last = snapshot(start_iteration, seconds)
+        bar = tqdm(range(start_iteration + 1, args.iterations + 1), initial=start_iteration, total=args.iterations,
+                   desc=f"{args.algorithm} {args.ways}-way {args.shots}-shot", dynamic_ncols=True)
+        tic = time.time()
+        try:
+            if args.resume and start_iteration in args.eval_at and start_iteration != args.iterations \
+                    and not any(r["step"] == start_iteration and "test_accuracy" in r for r in kept):
+                test_at(start_iteration)          # the run was interrupted during this test evaluation
+                last = snapshot(start_iteration, seconds)
+            for iteration in bar:
+                losses, correct = [], 0.0
+                for _ in range(args.meta_batch):
+                    xs, ys, xq, yq = make_task(train.images, train.labels, sampler.sample())
+                    xs, ys, xq, yq = (paddle.to_tensor(a) for a in (shift(xs), ys, shift(xq), yq))
+                    _, logits = adapt_and_predict(learner, xs, ys, xq, args.inner_steps)
+                    losses.append(F.cross_entropy(logits, yq))
+                    correct += float((logits.argmax(axis=1) == yq).astype("float32").mean().item())
+                loss = paddle.stack(losses).mean()
+                learner.step(loss)
+                if schedule is not None:
+                    schedule.step()
+                accuracy = correct / args.meta_batch
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
+                if iteration % args.log_every == 0 or iteration == args.iterations:
+                    logger.log(step=iteration, loss=float(loss.item()), accuracy=accuracy)
+                last = snapshot(iteration, seconds + time.time() - tic)
+                ctrl_c.check()
+                if iteration in args.eval_at and iteration != args.iterations:
+                    pause = time.time()
+                    test_at(iteration)
+                    tic += time.time() - pause
+                    last = snapshot(iteration, seconds + time.time() - tic)
+                if iteration % args.checkpoint_every == 0 or iteration == args.iterations:
+                    save_checkpoint(checkpoint, learner, optimizer, **last)
+        except KeyboardInterrupt:
+            bar.close()
+            logger.close()
+            save_checkpoint(checkpoint, learner, optimizer, **last)
+            print(f"interrupted: saved the run at iteration {last['step']} of {args.iterations} to {checkpoint}. "
+                  f"To continue, run the same command with --resume.", file=sys.stderr)
+            raise SystemExit(130)
+        bar.close()
+        logger.close()
+        seconds += time.time() - tic
+
+        try:
+            final = test_record(learner, args, test, extra_eval, ctrl_c.check)
+        except KeyboardInterrupt:
+            print(f"interrupted during the final evaluation; meta-training is complete and saved in {checkpoint}. "
+                  f"To evaluate, run the same command with --resume.", file=sys.stderr)
+            raise SystemExit(130)
     records = read_jsonl(metrics_path) + [{"step": args.iterations, **final}]
+    steps = f"{args.inner_steps} inner step{'s' if args.inner_steps > 1 else ''}"
     plot_learning_curve(records, os.path.join(args.out, "learning_curve.png"),
                         keys=["loss", "accuracy", "test_accuracy"], smoothing={"loss": 5, "accuracy": 5},
-                        title=f"{args.algorithm} {args.ways}-way {args.shots}-shot")
+                        title=f"{args.algorithm} {args.ways}-way {args.shots}-shot", xlabel="meta-train iteration",
+                        labels={"loss": f"meta-train loss: query cross-entropy, meta-batch of {args.meta_batch} "
+                                         f"tasks, {steps}",
+                                "accuracy": f"meta-train accuracy: query accuracy of the same tasks, {steps}",
+                                "test_accuracy": f"test accuracy: {args.eval_tasks} test tasks, "
+                                                 f"{args.test_inner_steps} adaptation steps"})
     results = dict(final)
     results.update(iterations=args.iterations, seconds=round(seconds, 1),
                    seconds_per_iteration=round(seconds / args.iterations, 3), config=vars(args))

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from episodic import check_args, parser, run  # noqa: E402
 
 from paddlefsl.backbones import Conv4  # noqa: E402
-from paddlefsl.datasets import MiniImageNet  # noqa: E402
+from paddlefsl.datasets import CorruptDatasetError, DatasetNotFoundError, MiniImageNet  # noqa: E402
 
 p = parser(__doc__.splitlines()[0], dict(query=15, iterations=60000, meta_batch=4, inner_steps=5,
                                           test_inner_steps=10, inner_lr=0.01))
@@ -27,8 +27,11 @@ check_args(p, args)
 if args.split != "minimal":
     p.error("--split applies to Omniglot only; miniImageNet always uses the Ravi & Larochelle split")
 
-train = MiniImageNet(args.data_root, mode="train")
-test = MiniImageNet(args.data_root, mode="test")
+try:
+    train = MiniImageNet(args.data_root, mode="train")
+    test = MiniImageNet(args.data_root, mode="test")
+except (DatasetNotFoundError, CorruptDatasetError) as err:
+    p.exit(1, f"{p.prog}: error: {err}\n")
 paddle.seed(args.seed)
 model = Conv4.miniimagenet(args.ways)
 run(args, model, train, test)

@@ -1,7 +1,7 @@
 """Choose the adaptation steps of the Lake head protocol (examples/lake.py) on 20-way within-alphabet one-shot tasks
 built from the meta-train characters, so that Lake et al.'s runs stay a test set.
 
-    python examples/omniglot_lake_steps.py --data-root ../shared/data/omniglot --run runs/maml-1shot
+    python examples/omniglot_lake_steps.py --data-root data/omniglot --run runs/maml-1shot
 
 --run is the --out folder of a finished examples/omniglot.py run: its results.json gives the configuration and its
 checkpoint the weights. Prints the error of the adapted head for each candidate number of steps, and of the cosine

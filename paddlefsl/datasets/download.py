@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
+import urllib.error
 import urllib.request
 from typing import Dict, Optional
 
-from .errors import CorruptDatasetError
+from .errors import CorruptDatasetError, DownloadError
 
 __all__ = ["file_digests", "verify_file", "download_file"]
+
+# What a failed transfer raises: no network, name resolution, refused or reset connections, HTTP errors, timeouts.
+_TRANSFER_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 
 _ALGOS = ("sha256", "md5", "git_blob_sha1")
 
@@ -65,8 +70,10 @@ def download_file(url: str, dest: str, checksums: Optional[Dict[str, str]] = Non
         ``dest``.
 
     Raises:
+        DownloadError: If the transfer fails (offline, unreachable host, HTTP error, timeout); the message names
+            the URL, the file and how to place it by hand. Nothing is written to ``dest``.
         CorruptDatasetError: If the downloaded file fails a checksum (nothing is written to ``dest``).
-        OSError: On network or file-system errors (nothing is written to ``dest``).
+        OSError: On file-system errors (nothing is written to ``dest``).
     """
     from tqdm.auto import tqdm
 
@@ -75,13 +82,20 @@ def download_file(url: str, dest: str, checksums: Optional[Dict[str, str]] = Non
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".part", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = resp.headers.get("Content-Length")
-            with tqdm(total=int(total) if total else None, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=os.path.basename(dest), disable=not progress) as bar:
-                for chunk in iter(lambda: resp.read(1 << 16), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+                total = resp.headers.get("Content-Length")
+                with tqdm(total=int(total) if total else None, unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=os.path.basename(dest), disable=not progress) as bar:
+                    for chunk in iter(lambda: resp.read(1 << 16), b""):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        except _TRANSFER_ERRORS as err:
+            reason = getattr(err, "reason", None) or err
+            raise DownloadError(
+                f"could not download {os.path.basename(dest)} from {url}: {reason}. If this machine is offline, "
+                f"fetch that URL on one that is not and place the file at {os.path.abspath(dest)} by hand (it is "
+                f"checked against its checksum before use); then run again.") from err
         problem = verify_file(tmp, checksums or {})
         if problem:
             raise CorruptDatasetError(f"download of {url} failed its checksum ({problem}); "

@@ -7,3 +7,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class CorruptDatasetError(RuntimeError):
     """A dataset file exists but cannot be read or fails its checksum."""
+
+
+class DownloadError(OSError):
+    """A dataset file could not be downloaded; the message names the URL, the file and how to place it by hand."""

@@ -60,6 +60,25 @@ def make_omniglot_zip(path, top, alphabets, examples=4, start_id=0, size=16, ima
     return ids
 
 
+def make_runs_zip(path, n_runs=2, n_classes=3, size=16):
+    """Write an ``all_runs.zip`` of Lake's layout with ``n_runs`` runs of ``n_classes`` glyphs; returns each run's
+    query targets."""
+    targets = {}
+    with zipfile.ZipFile(path, "w") as zf:
+        for r in range(1, n_runs + 1):
+            run = f"run{r:02d}"
+            perm = np.random.default_rng(r).permutation(n_classes)
+            lines = []
+            for c in range(n_classes):
+                zf.writestr(f"{run}/training/class{c + 1:02d}.png", png_bytes(glyph(c, 0, size)))
+            for q in range(n_classes):
+                zf.writestr(f"{run}/test/item{q + 1:02d}.png", png_bytes(glyph(int(perm[q]), 1, size)))
+                lines.append(f"{run}/test/item{q + 1:02d}.png {run}/training/class{perm[q] + 1:02d}.png")
+            zf.writestr(f"{run}/class_labels.txt", "\n".join(lines) + "\n")
+            targets[run] = perm
+    return targets
+
+
 def make_miniimagenet_pickle(root, mode, image_data, class_dict):
     """Write ``root/mini-imagenet-cache-{mode}.pkl`` in the common pickle layout: the uint8 images, (N, H, W, 3),
     and each class name's image indices."""

@@ -12,7 +12,7 @@ from paddlefsl.datasets import (CorruptDatasetError, DatasetNotFoundError, Omnig
                                 RotatedImages, evaluate_one_shot_runs, file_digests, verify_file)
 from paddlefsl.episodes import EpisodeSampler, make_task
 
-from .conftest import decode_glyph, glyph, make_omniglot_zip, png_bytes, real_file
+from .conftest import decode_glyph, make_omniglot_zip, make_runs_zip, png_bytes, real_file
 
 
 def _check_identity(ds, ids, rotated):
@@ -194,25 +194,8 @@ def test_download_verified_and_atomic(tmp_path, monkeypatch):
     assert os.listdir(bad_root) == []  # neither a half-written nor an unverified file
 
 
-def _make_runs_zip(path, n_runs=2, n_classes=3):
-    targets = {}
-    with zipfile.ZipFile(path, "w") as zf:
-        for r in range(1, n_runs + 1):
-            run = f"run{r:02d}"
-            perm = np.random.default_rng(r).permutation(n_classes)
-            lines = []
-            for c in range(n_classes):
-                zf.writestr(f"{run}/training/class{c + 1:02d}.png", png_bytes(glyph(c, 0)))
-            for q in range(n_classes):
-                zf.writestr(f"{run}/test/item{q + 1:02d}.png", png_bytes(glyph(int(perm[q]), 1)))
-                lines.append(f"{run}/test/item{q + 1:02d}.png {run}/training/class{perm[q] + 1:02d}.png")
-            zf.writestr(f"{run}/class_labels.txt", "\n".join(lines) + "\n")
-            targets[run] = perm
-    return targets
-
-
 def test_one_shot_runs_synthetic(tmp_path):
-    targets = _make_runs_zip(tmp_path / "all_runs.zip")
+    targets = make_runs_zip(tmp_path / "all_runs.zip")
     runs = OmniglotOneShotRuns(tmp_path, image_size=16, cache_dir=tmp_path / "c")
     assert len(runs) == 2
     for run in runs.runs:

@@ -10,8 +10,8 @@ import pytest
 from paddle import nn
 
 from paddlefsl.episodes import EpisodeSampler, make_task
-from paddlefsl.training import (JSONLLogger, capture_rng_state, load_checkpoint, plot_learning_curve,
-                                read_jsonl, restore_rng_state, save_checkpoint)
+from paddlefsl.training import (JSONLLogger, capture_rng_state, learning_curve_figure, load_checkpoint,
+                                plot_learning_curve, read_jsonl, restore_rng_state, save_checkpoint)
 
 
 class Wrapper(nn.Layer):
@@ -204,3 +204,21 @@ def test_plot_learning_curve_smooths_per_key_and_marks_sparse_series(tmp_path, m
     assert len(loss_axis.lines) == 2 and loss_axis.lines[1].get_label() == "loss (avg 5)"  # raw, then smoothed
     assert len(test_axis.lines) == 1 and test_axis.lines[0].get_marker() == "o"
     np.testing.assert_array_equal(test_axis.lines[0].get_ydata(), [0, 1 / 3, 2 / 3, 1])
+
+
+def test_learning_curve_panels_share_the_x_axis_and_say_what_they_show():
+    rows = [{"step": i, "loss": 1.0 / (i + 1), "accuracy": i / 30} for i in range(1, 31)] + \
+        [{"step": 30, "test_accuracy": 0.9}]
+    fig = learning_curve_figure(rows, keys=["loss", "accuracy", "test_accuracy"], title="maml 5-way 1-shot",
+                                xlabel="meta-train iteration",
+                                labels={"loss": "meta-train loss", "accuracy": "meta-train accuracy"})
+    loss_axis, accuracy_axis, test_axis = fig.axes
+    assert loss_axis.get_shared_x_axes().joined(loss_axis, test_axis)
+    assert loss_axis.get_shared_x_axes().joined(loss_axis, accuracy_axis)
+    fig.canvas.draw()
+    assert test_axis.get_xlim() == loss_axis.get_xlim()          # the single test point sits under iteration 30
+    assert test_axis.get_xlabel() == "meta-train iteration" and loss_axis.get_xlabel() == ""
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["meta-train loss", "meta-train accuracy",
+                                                              "test_accuracy"]
+    assert fig._suptitle.get_text() == "maml 5-way 1-shot"
+    assert learning_curve_figure(rows, keys=["loss"]).axes[0].get_xlabel() == "step"     # default: the x key
