@@ -1,0 +1,229 @@
+"""Data-parallel meta-training on Paddle's collective engine (gloo on CPU, NCCL on GPU).
+
+Each process adapts its own shard of a meta-batch's tasks; :meth:`BaseLearner.step` with ``num_tasks`` then
+all-reduces the meta-gradients, weighting each process's gradient by its number of tasks, so the meta-optimizer
+applies the gradient of the mean query loss over the whole meta-batch on every process (an uneven split is still
+exact). Nothing here runs, and nothing changes, in a single process.
+
+Why not ``paddle.DataParallel``: it wraps one model and all-reduces in backward hooks registered on that model's
+parameters. A meta-learner's backward pass runs through task learners cloned from the meta-model (their parameters are
+graph-connected copies), an inner loop that itself differentiates, and learned inner rates or per-step batch-norm
+weights outside the model; ``DataParallel`` would see neither the clones nor the order in which their gradients
+arrive, and it cannot weight ranks by their number of tasks. One all-reduce of the finished meta-gradients, after
+``loss.backward()`` and before the meta-optimizer, is simpler and exact.
+
+Example:
+    >>> rank, world = distributed.init_parallel()            # doctest: +SKIP
+    >>> mine = tasks[shard_range(len(tasks), rank, world)]   # doctest: +SKIP
+    >>> learner.step(paddle.stack(losses).mean() if losses else None, num_tasks=len(mine))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+__all__ = ["CollectiveError", "all_gather_floats", "all_reduce_meta_gradients", "all_reduce_sum",
+           "average_statistics", "broadcast_parameters", "check_num_tasks", "init_parallel", "is_parallel",
+           "rank", "world_size"]
+
+T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """A collective operation failed: another process died, hung past the backend's timeout, or called a different
+    collective. The other process's own error is in its log."""
+
+
+def is_parallel() -> bool:
+    """Whether a parallel environment with more than one process is initialised."""
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a parallel environment)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without a parallel environment)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def init_parallel() -> tuple[int, int]:
+    """Initialise Paddle's parallel environment when this process was started as one of several.
+
+    ``paddle.distributed.launch`` and ``paddle.distributed.spawn`` set ``PADDLE_TRAINERS_NUM``; with more than one
+    process this calls ``paddle.distributed.init_parallel_env()`` (once). A plain ``python script.py`` does nothing.
+
+    Returns:
+        ``(rank, world_size)``.
+
+    Example:
+        >>> rank, world = init_parallel()
+        >>> (rank, world)
+        (0, 1)
+    """
+    if not dist.is_initialized() and int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1:
+        dist.init_parallel_env()
+    return rank(), world_size()
+
+
+def _collective(what: str, call: Callable[[], T]) -> T:
+    """Run one collective and turn a backend failure into a :class:`CollectiveError` that says what to look at."""
+    try:
+        return call()
+    except RuntimeError as error:
+        raise CollectiveError(
+            f"rank {rank()} of {world_size()}: {what} failed: another process died, hung past the backend's timeout "
+            "(gloo: 30 s; NCCL: PADDLE_PG_TIMEOUT), or called a different collective; its own error is in its log "
+            f"(paddle.distributed.launch writes LOG_DIR/workerlog.N). Backend message: {error}") from error
+
+
+def check_num_tasks(num_tasks: object) -> int | None:
+    """Validate ``step``'s ``num_tasks``: an integer ``>= 0``, required (not None) when several processes run.
+
+    Returns:
+        ``num_tasks`` as an int, or None (one process, not given).
+
+    Raises:
+        TypeError: if ``num_tasks`` is not an integer.
+        ValueError: if it is negative, 0 in a single process, or None when several processes run.
+    """
+    if num_tasks is None:
+        if is_parallel():
+            raise ValueError(f"step(loss, num_tasks=None) with {world_size()} processes: pass num_tasks, the number "
+                             "of tasks this process adapted (its shard of the meta-batch), so the meta-gradient is "
+                             "weighted exactly; loss is the mean query loss over those tasks")
+        return None
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)):
+        raise TypeError(f"num_tasks must be an integer >= 0, got {type(num_tasks).__name__} {num_tasks!r}")
+    if num_tasks < 0 or (num_tasks == 0 and not is_parallel()):
+        raise ValueError(f"num_tasks must be >= 1 in a single process (>= 0 with several), got {num_tasks}")
+    return int(num_tasks)
+
+
+def all_reduce_meta_gradients(parameters: Sequence[paddle.Tensor], num_tasks: int) -> int:
+    """Replace each parameter's gradient by the task-weighted mean over all processes.
+
+    Each process's gradient is the gradient of its mean loss over its ``num_tasks`` tasks; the result,
+    ``sum_k num_tasks_k * grad_k / sum_k num_tasks_k``, is the gradient of the mean over the whole meta-batch, the
+    same on every process. A gradient that is None on every process stays None; None on some is taken as zero.
+    Two collectives: one for the task counts and which gradients exist, one per dtype for the gradients.
+
+    Args:
+        parameters: the trainable parameters, in the same order on every process.
+        num_tasks: this process's number of tasks (0 for an empty shard: its gradients count as zero).
+
+    Returns:
+        The total number of tasks over all processes.
+
+    Raises:
+        CollectiveError: if a collective fails.
+    """
+    parameters = list(parameters)
+    header = paddle.to_tensor([float(num_tasks)] + [float(p.grad is not None) for p in parameters], dtype="float64")
+    _collective("all_reduce of the task counts", lambda: dist.all_reduce(header))
+    counts = header.numpy()
+    total = int(round(counts[0]))
+    if total == 0:
+        return 0
+    present = [p for p, seen in zip(parameters, counts[1:]) if seen > 0]
+    for dtype in sorted({str(p.dtype) for p in present}):
+        group = [p for p in present if str(p.dtype) == dtype]
+        with paddle.no_grad():
+            flat = paddle.concat([(paddle.zeros_like(p) if p.grad is None else p.grad * float(num_tasks)).reshape([-1])
+                                  for p in group])
+            _collective(f"all_reduce of the {dtype} meta-gradients", lambda: dist.all_reduce(flat))
+            flat = flat / float(total)
+            offset = 0
+            for p in group:
+                size = int(np.prod(p.shape)) if len(p.shape) else 1
+                p.grad = flat[offset:offset + size].reshape(p.shape)
+                offset += size
+    return total
+
+
+def average_statistics(tensors: Sequence[paddle.Tensor], num_tasks: int, total: int) -> None:
+    """Set each tensor (running statistics) to its task-weighted mean over all processes, in place.
+
+    Args:
+        tensors: floating tensors, in the same order on every process.
+        num_tasks: this process's number of tasks (its statistics get weight ``num_tasks / total``).
+        total: the number of tasks over all processes (from :func:`all_reduce_meta_gradients`).
+
+    Raises:
+        CollectiveError: if a collective fails.
+    """
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not tensors or total == 0:
+        return
+    for dtype in sorted({str(t.dtype) for t in tensors}):
+        group = [t for t in tensors if str(t.dtype) == dtype]
+        with paddle.no_grad():
+            flat = paddle.concat([t.reshape([-1]) * float(num_tasks) for t in group])
+            _collective(f"all_reduce of the {dtype} running statistics", lambda: dist.all_reduce(flat))
+            flat = flat / float(total)
+            offset = 0
+            for t in group:
+                size = int(np.prod(t.shape)) if len(t.shape) else 1
+                t.set_value(flat[offset:offset + size].reshape(t.shape))
+                offset += size
+
+
+def broadcast_parameters(layer: paddle.nn.Layer, src: int = 0) -> None:
+    """Copy every parameter and buffer of ``layer`` from process ``src`` to all processes (no-op in one process).
+
+    Call it once after building (or loading) the learner, so every process starts from the same meta-model.
+
+    Raises:
+        CollectiveError: if a collective fails.
+    """
+    if not is_parallel():
+        return
+    tensors = [t for t in list(layer.parameters()) + list(layer.buffers()) if t is not None]
+    for t in tensors:
+        with paddle.no_grad():
+            _collective("broadcast of the parameters", lambda: dist.broadcast(t, src=src))
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Sum a list of numbers over all processes (float64; returned as is in one process).
+
+    Raises:
+        CollectiveError: if a collective fails.
+    """
+    values = [float(v) for v in values]
+    if not is_parallel():
+        return values
+    tensor = paddle.to_tensor(values, dtype="float64")
+    _collective("all_reduce_sum", lambda: dist.all_reduce(tensor))
+    return [float(v) for v in tensor.numpy()]
+
+
+def all_gather_floats(values: Sequence[float]) -> list[float]:
+    """Concatenate every process's list of numbers in rank order (lists may differ in length).
+
+    Returns:
+        The concatenation, the same on every process (``values`` itself in one process).
+
+    Raises:
+        CollectiveError: if a collective fails.
+    """
+    values = [float(v) for v in values]
+    if not is_parallel():
+        return values
+    lengths = paddle.zeros([world_size()], dtype="float64")
+    lengths[rank()] = float(len(values))
+    _collective("all_reduce of the list lengths", lambda: dist.all_reduce(lengths))
+    sizes = [int(round(n)) for n in lengths.numpy()]
+    longest = max(sizes)
+    if longest == 0:
+        return []
+    padded = paddle.to_tensor(values + [0.0] * (longest - len(values)), dtype="float64")
+    parts: list[paddle.Tensor] = []
+    _collective("all_gather of the values", lambda: dist.all_gather(parts, padded))
+    return [float(v) for part, n in zip(parts, sizes) for v in part.numpy()[:n]]
