@@ -52,8 +52,9 @@ def _running_statistics(layer: nn.Layer) -> set[int]:
             if sub._parameters.get(key) is not None}
 
 
-def _shared_statistics(layer: nn.Layer) -> list[paddle.Tensor]:
-    """The tensors ``batch_norm="shared"`` task learners update in place: running statistics and buffers."""
+def _statistics(layer: nn.Layer) -> list[paddle.Tensor]:
+    """The tensors task learners may update in place (``batch_norm="shared"``, ANIL's shared features): batch-norm
+    running statistics and buffers."""
     stats = _running_statistics(layer)
     tensors = [t for _, sub in layer.named_sublayers(include_self=True) for t in sub._parameters.values()
                if t is not None and id(t) in stats] + [t for t in layer.buffers() if t is not None]
@@ -178,8 +179,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             total = distributed.all_reduce_meta_gradients(trainable, tasks)
             if total == 0:
                 raise ValueError("step(loss, num_tasks=0) on every process: the meta-batch has no tasks")
-            if self.batch_norm == "shared":
-                distributed.average_statistics(_shared_statistics(self), tasks, total)
+            distributed.average_statistics(_statistics(self), tasks)
         self._clones_since_step = 0
         if self.meta_optimizer is not None:
             self.meta_optimizer.step()

@@ -147,31 +147,45 @@ def all_reduce_meta_gradients(parameters: Sequence[paddle.Tensor], num_tasks: in
     return total
 
 
-def average_statistics(tensors: Sequence[paddle.Tensor], num_tasks: int, total: int) -> None:
-    """Set each tensor (running statistics) to its task-weighted mean over all processes, in place.
+def average_statistics(tensors: Sequence[paddle.Tensor], num_tasks: int) -> None:
+    """Make running statistics identical on every process: a tensor that differs between processes becomes the
+    task-weighted mean of the processes' values (process ``k`` weighs ``num_tasks_k``); one that is the same
+    everywhere is left exactly as it is. In place.
+
+    A learner whose task learners update the meta-model's running statistics (``batch_norm="shared"``, or ANIL's
+    shared features) chains the momentum updates task after task in one process; with several processes each
+    chains its own shard, and this mean combines them. It is the same on every process but not bit-equal to a
+    one-process run. Training forward passes normalise with batch statistics, so the meta-gradients do not depend on
+    it.
 
     Args:
-        tensors: floating tensors, in the same order on every process.
-        num_tasks: this process's number of tasks (its statistics get weight ``num_tasks / total``).
-        total: the number of tasks over all processes (from :func:`all_reduce_meta_gradients`).
+        tensors: floating tensors, in the same order and of the same shapes on every process.
+        num_tasks: this process's number of tasks.
 
     Raises:
         CollectiveError: if a collective fails.
     """
     tensors = [t for t in tensors if t.is_floating_point()]
-    if not tensors or total == 0:
+    if not tensors or not is_parallel():
         return
-    for dtype in sorted({str(t.dtype) for t in tensors}):
-        group = [t for t in tensors if str(t.dtype) == dtype]
-        with paddle.no_grad():
-            flat = paddle.concat([t.reshape([-1]) * float(num_tasks) for t in group])
-            _collective(f"all_reduce of the {dtype} running statistics", lambda: dist.all_reduce(flat))
-            flat = flat / float(total)
-            offset = 0
-            for t in group:
-                size = int(np.prod(t.shape)) if len(t.shape) else 1
-                t.set_value(flat[offset:offset + size].reshape(t.shape))
-                offset += size
+    with paddle.no_grad():
+        flat = paddle.concat([paddle.to_tensor([float(num_tasks)], dtype="float64")]
+                             + [t.astype("float64").reshape([-1]) for t in tensors])
+        parts: list[paddle.Tensor] = []
+        _collective("all_gather of the running statistics", lambda: dist.all_gather(parts, flat))
+        table = np.stack([part.numpy() for part in parts])
+    weights, values = table[:, 0], table[:, 1:]
+    if weights.sum() == 0:
+        return
+    offset = 0
+    for t in tensors:
+        size = int(np.prod(t.shape)) if len(t.shape) else 1
+        block = values[:, offset:offset + size]
+        offset += size
+        if (block == block[0]).all():
+            continue
+        mean = (weights[:, None] * block).sum(axis=0) / weights.sum()
+        t.set_value(paddle.to_tensor(mean.reshape(t.shape), dtype=t.dtype))
 
 
 def broadcast_parameters(layer: paddle.nn.Layer, src: int = 0) -> None:
