@@ -35,8 +35,8 @@ def shard_range(count: int, rank: int, world_size: int) -> range:
         ValueError: If an argument is out of range.
 
     Example:
-        >>> [list(shard_range(5, r, 2)) for r in range(2)]
-        [[0, 1, 2], [3, 4]]
+        >>> shard_range(5, 0, 2), shard_range(5, 1, 2)
+        (range(0, 3), range(3, 5))
     """
     count, rank, world_size = int(count), int(rank), int(world_size)
     if count < 0 or world_size < 1 or not 0 <= rank < world_size:
