@@ -5,7 +5,9 @@
 Each configuration runs in fresh processes with one thread each (OMP_NUM_THREADS=1): 1 process as a plain
 ``python``, N processes under ``python -m paddle.distributed.launch --nproc_per_node N`` (gloo on CPU). Every process
 adapts its shard of each meta-batch (``shard_range``) and ``learner.step(loss, num_tasks=...)`` all-reduces the
-meta-gradients. Rank 0 times each meta-iteration (one warm-up first); the figure is the median. ``--rounds`` repeats
+meta-gradients. Rank 0 times each meta-iteration (one warm-up first), in wall-clock and in its own CPU seconds; the
+figures are medians (on a machine shared with other work, the CPU seconds show what each process computed, the wall
+seconds also how much of the machine it got). ``--rounds`` repeats
 the whole sweep, alternating the process counts, so they share the machine's conditions side by side.
 """
 import argparse
@@ -73,14 +75,15 @@ def worker(args) -> None:
         maml.step(paddle.stack(losses).mean() if losses else None, num_tasks=len(losses))
 
     meta_iteration()
-    times = []
+    times, cpu = [], []
     for _ in range(args.iterations):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         meta_iteration()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     if rank == 0:
         with open(args.worker, "w") as f:
-            json.dump({"times": times, "world": world, "tasks_on_rank_0": len(mine)}, f)
+            json.dump({"times": times, "cpu": cpu, "world": world, "tasks_on_rank_0": len(mine)}, f)
 
 
 def measure(args, workload: str, processes: int) -> dict:
@@ -110,20 +113,26 @@ def main() -> None:
         return
     counts = [int(n) for n in args.processes.split(",") if n]
     results: dict = {}
+    cpu: dict = {}
     for round_ in range(args.rounds):
         for workload in args.workloads:
             for processes in (counts if round_ % 2 == 0 else counts[::-1]):
                 record = measure(args, workload, processes)
                 results.setdefault((workload, processes), []).extend(record["times"])
+                cpu.setdefault((workload, processes), []).extend(record["cpu"])
+                print(f"round {round_ + 1}: {workload} on {processes} processes: wall {record['times']}, "
+                      f"rank-0 CPU {record['cpu']}", flush=True)
     print(f"{args.order} order, {args.iterations} timed meta-iterations x {args.rounds} rounds, 1 thread per process, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}")
-    print("| workload | processes | s / meta-iteration (median) | meta-iterations / s | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| workload | processes | s / meta-iteration (median) | meta-iterations / s | speed-up | "
+          "rank-0 CPU s / meta-iteration |")
+    print("|---|---|---|---|---|---|")
     for workload in args.workloads:
         base = statistics.median(results[(workload, counts[0])])
         for processes in counts:
             median = statistics.median(results[(workload, processes)])
-            print(f"| {workload} | {processes} | {median:.3f} | {1 / median:.3f} | {base / median:.2f}x |")
+            print(f"| {workload} | {processes} | {median:.3f} | {1 / median:.3f} | {base / median:.2f}x | "
+                  f"{statistics.median(cpu[(workload, processes)]):.3f} |")
 
 
 if __name__ == "__main__":
