@@ -19,23 +19,29 @@ Example:
 """
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import time
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import paddle
 import paddle.distributed as dist
 
-__all__ = ["CollectiveError", "all_gather_floats", "all_reduce_meta_gradients", "all_reduce_sum",
-           "average_statistics", "broadcast_parameters", "check_num_tasks", "init_parallel", "is_parallel",
-           "rank", "world_size"]
+__all__ = ["CollectiveError", "TIMEOUT_VARIABLE", "all_gather_floats", "all_reduce_meta_gradients",
+           "all_reduce_sum", "average_statistics", "broadcast_parameters", "check_num_tasks", "collective_timeout",
+           "init_parallel", "is_parallel", "rank", "world_size"]
 
 T = TypeVar("T")
 
+TIMEOUT_VARIABLE = "PADDLEFSL_COLLECTIVE_TIMEOUT"
+_collectives = itertools.count()  # the same sequence on every process: collectives are called in the same order
+
 
 class CollectiveError(RuntimeError):
-    """A collective operation failed: another process died, hung past the backend's timeout, or called a different
-    collective. The other process's own error is in its log."""
+    """A collective operation failed: another process did not arrive within :func:`collective_timeout` (it hangs or
+    died), or the backend failed. The other process's own error is in its log."""
 
 
 def is_parallel() -> bool:
@@ -72,14 +78,59 @@ def init_parallel() -> tuple[int, int]:
     return rank(), world_size()
 
 
+def collective_timeout() -> float:
+    """Seconds a process waits at a collective operation for the others: ``PADDLEFSL_COLLECTIVE_TIMEOUT``, default
+    600.
+
+    Raises:
+        ValueError: if the variable is not a positive number.
+    """
+    text = os.environ.get(TIMEOUT_VARIABLE, "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{TIMEOUT_VARIABLE} must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def _wait_for_all(what: str) -> None:
+    """Wait, through Paddle's TCP store, until every process has reached this collective, at most
+    :func:`collective_timeout` seconds; then the collective itself runs without waiting on a slow process (gloo
+    would give up after its fixed 30 s)."""
+    from paddle.base import core
+
+    store = core.create_or_get_global_tcp_store()
+    key = f"paddlefsl/collective/{next(_collectives)}"
+    store.add(f"{key}/rank{rank()}", 1)
+    arrived = store.add(key, 1)
+    timeout = collective_timeout()
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while arrived < world_size():
+        if time.monotonic() > deadline:
+            missing = [k for k in range(world_size()) if store.add(f"{key}/rank{k}", 0) == 0]
+            raise CollectiveError(
+                f"rank {rank()} of {world_size()}: waited {timeout:g} s at {what} for ranks {missing}, which did not "
+                "arrive: they hang, died, or run a different sequence of collectives; their own error is in their log "
+                f"(paddle.distributed.launch writes LOG_DIR/workerlog.N). Set {TIMEOUT_VARIABLE} (seconds) to wait "
+                "longer")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
+        arrived = store.add(key, 0)
+
+
 def _collective(what: str, call: Callable[[], T]) -> T:
-    """Run one collective and turn a backend failure into a :class:`CollectiveError` that says what to look at."""
+    """Wait for every process (:func:`_wait_for_all`), run one collective, and turn a backend failure into a
+    :class:`CollectiveError` that says what to look at."""
+    _wait_for_all(what)
     try:
         return call()
     except RuntimeError as error:
         raise CollectiveError(
-            f"rank {rank()} of {world_size()}: {what} failed: another process died, hung past the backend's timeout "
-            "(gloo: 30 s; NCCL: PADDLE_PG_TIMEOUT), or called a different collective; its own error is in its log "
+            f"rank {rank()} of {world_size()}: {what} failed: another process died or called a different "
+            "collective; its own error is in its log "
             f"(paddle.distributed.launch writes LOG_DIR/workerlog.N). Backend message: {error}") from error
 
 
@@ -112,7 +163,8 @@ def all_reduce_meta_gradients(parameters: Sequence[paddle.Tensor], num_tasks: in
     Each process's gradient is the gradient of its mean loss over its ``num_tasks`` tasks; the result,
     ``sum_k num_tasks_k * grad_k / sum_k num_tasks_k``, is the gradient of the mean over the whole meta-batch, the
     same on every process. A gradient that is None on every process stays None; None on some is taken as zero.
-    Two collectives: one for the task counts and which gradients exist, one per dtype for the gradients.
+    Two collectives: one for the task counts and which gradients exist, one per dtype for the gradients. In one
+    process the gradients are left as they are.
 
     Args:
         parameters: the trainable parameters, in the same order on every process.
@@ -125,6 +177,8 @@ def all_reduce_meta_gradients(parameters: Sequence[paddle.Tensor], num_tasks: in
         CollectiveError: if a collective fails.
     """
     parameters = list(parameters)
+    if not is_parallel():
+        return int(num_tasks)
     header = paddle.to_tensor([float(num_tasks)] + [float(p.grad is not None) for p in parameters], dtype="float64")
     _collective("all_reduce of the task counts", lambda: dist.all_reduce(header))
     counts = header.numpy()

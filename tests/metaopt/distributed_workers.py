@@ -89,10 +89,13 @@ def train_all(out: str, names: list[str]) -> None:
     states["helpers/same_everywhere"] = statistics[1].numpy()
     states["helpers/all_reduce_sum"] = np.array(distributed.all_reduce_sum([r + 1, 0.5]))
     states["helpers/all_gather_floats"] = np.array(distributed.all_gather_floats([r] * (3 - 2 * r)))
-    try:
-        MAML(ConvNet(), 0.3).step(paddle.zeros([1]), num_tasks=None)
-    except ValueError as error:
-        states["missing-num-tasks-error"] = np.array(str(error))
+    for key, loss, num_tasks in (("missing-num-tasks-error", paddle.zeros([1]), None),
+                                 ("loss-without-tasks-error", paddle.zeros([1]), 0),
+                                 ("no-tasks-anywhere-error", None, 0)):
+        try:
+            MAML(ConvNet(), 0.3).step(loss, num_tasks=num_tasks)
+        except ValueError as error:
+            states[key] = np.array(str(error))
     np.savez(os.path.join(out, f"rank{distributed.rank()}.npz"), **states)
 
 
