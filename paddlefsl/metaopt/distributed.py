@@ -117,7 +117,7 @@ def _wait_for_all(what: str) -> None:
                 f"(paddle.distributed.launch writes LOG_DIR/workerlog.N). Set {TIMEOUT_VARIABLE} (seconds) to wait "
                 "longer")
         time.sleep(pause)
-        pause = min(2 * pause, 0.05)
+        pause = min(2 * pause, 0.01)
         arrived = store.add(key, 0)
 
 
