@@ -12,6 +12,7 @@ from paddlefsl.metaopt.meta_sgd import MetaSGD
 from paddlefsl.metaopt.optim import OptimizerTwin, register_twin, twin_for
 from paddlefsl.metaopt.schedules import multi_step_loss_weights
 
-__all__ = ["ANIL", "BaseLearner", "CollectiveError", "DifferentiableOptimizer", "FunctionalModel", "GradCheckReport", "MAML", "MetaSGD",
-           "OptimizerTwin", "ParameterSlots", "SecondOrderError", "check_meta_gradients", "clone_model", "exact_ops",
-           "functional_call", "innerloop_ctx", "multi_step_loss_weights", "register_twin", "twin_for"]
+__all__ = ["ANIL", "BaseLearner", "CollectiveError", "DifferentiableOptimizer", "FunctionalModel", "GradCheckReport",
+           "MAML", "MetaSGD", "OptimizerTwin", "ParameterSlots", "SecondOrderError", "check_meta_gradients",
+           "clone_model", "exact_ops", "functional_call", "innerloop_ctx", "multi_step_loss_weights", "register_twin",
+           "twin_for"]
