@@ -2,6 +2,11 @@
 
 Each script builds its datasets and backbone, then calls :func:`run`. Data, model and learner meet only here and in
 those scripts; ``paddlefsl.metaopt`` knows nothing about files or loops.
+
+Under ``python -m paddle.distributed.launch --nproc_per_node N`` (or ``paddle.distributed.spawn``) every process
+draws the same meta-batches and adapts its shard of each; ``learner.step(loss, num_tasks=...)`` all-reduces the
+meta-gradients, evaluation tasks are sharded and their accuracies gathered, and process 0 alone writes the metrics,
+checkpoints and results (see docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ from paddle import nn
 from tqdm import tqdm
 
 from paddlefsl.augment import RandomShift
-from paddlefsl.episodes import EpisodeSampler, make_task, mean_confidence_interval
-from paddlefsl.metaopt import ANIL, MAML, BaseLearner
+from paddlefsl.episodes import EpisodeSampler, make_task, mean_confidence_interval, shard_range
+from paddlefsl.metaopt import ANIL, MAML, BaseLearner, distributed
 from paddlefsl.training import (JSONLLogger, capture_rng_state, load_checkpoint, plot_learning_curve, read_jsonl,
                                 save_checkpoint)
 
@@ -174,16 +179,23 @@ def adapt_and_predict(learner: BaseLearner, xs, ys, xq, steps: int, first_order:
 def evaluate(learner: BaseLearner, args: argparse.Namespace, images, labels, tasks: int, seed: int,
              check: Callable[[], None] | None = None) -> tuple:
     """Mean accuracy and 95% CI over ``tasks`` test tasks, adapting ``--test-inner-steps`` times (first order);
-    ``check()``, if given, is called before each task (``CtrlC.check``)."""
+    ``check()``, if given, is called before each task (``CtrlC.check``).
+
+    With several processes each adapts its block of the tasks and the accuracies are gathered in task order."""
     sampler = EpisodeSampler(labels, args.ways, args.shots, args.query, seed=seed, num_tasks=tasks)
+    mine = shard_range(tasks, distributed.rank(), distributed.world_size())
     accuracies = []
-    for task in tqdm(sampler, total=tasks, desc="test tasks", leave=False, dynamic_ncols=True):
+    bar = tqdm(sampler, total=tasks, desc="test tasks", leave=False, dynamic_ncols=True,
+               disable=distributed.rank() != 0)
+    for i, task in enumerate(bar):
         if check is not None:
             check()
+        if i not in mine:
+            continue
         xs, ys, xq, yq = make_task(images, labels, task, to_tensor=True)
         _, logits = adapt_and_predict(learner, xs, ys, xq, args.test_inner_steps, first_order=True)
         accuracies.append(float((logits.argmax(axis=1) == yq).astype("float32").mean().item()))
-    return mean_confidence_interval(accuracies)
+    return mean_confidence_interval(distributed.all_gather_floats(accuracies))
 
 
 def test_record(learner: BaseLearner, args: argparse.Namespace, test,
@@ -236,9 +248,12 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
         extra_eval: Callable[[BaseLearner], dict] | None = None) -> dict:
     """Meta-train ``model`` on ``train`` episodes, checkpointing and logging, then evaluate on ``test``.
 
-    Returns the results dict also written to ``OUT/results.json``. On Ctrl-C, finishes the current meta-iteration
-    (or test task), saves a checkpoint, says how to resume, and exits with status 130.
+    Started as one of several processes, it initialises the parallel environment and trains on its shard of each
+    meta-batch; process 0 writes the outputs. Returns the results dict also written to ``OUT/results.json``. On
+    Ctrl-C, finishes the current meta-iteration (or test task), saves a checkpoint, says how to resume, and exits
+    with status 130.
     """
+    rank, world = distributed.init_parallel()
     os.makedirs(args.out, exist_ok=True)
     paddle.seed(args.seed)
     np.random.seed(args.seed)
@@ -261,18 +276,23 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
             shift.set_state(state["extra"]["augment"])
         kept = [r for r in read_jsonl(metrics_path) if r["step"] <= start_iteration] \
             if os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-    elif os.path.exists(metrics_path):
+        if rank == 0:
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+    elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    distributed.broadcast_parameters(learner)
 
-    logger = JSONLLogger(metrics_path)
+    logger = JSONLLogger(metrics_path) if rank == 0 else None
+    mine = shard_range(args.meta_batch, rank, world)
+    support, query = args.ways * args.shots, args.ways * args.query
     with CtrlC() as ctrl_c:
 
         def test_at(iteration: int) -> None:
             record = test_record(learner, args, test, extra_eval, ctrl_c.check)
-            logger.log(step=iteration, **record)
-            tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+            if rank == 0:
+                logger.log(step=iteration, **record)
+                tqdm.write(f"iteration {iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
 
         def snapshot(iteration: int, elapsed: float) -> dict:
             """What a checkpoint at ``iteration`` holds besides the weights."""
@@ -282,7 +302,8 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
 
         last = snapshot(start_iteration, seconds)
         bar = tqdm(range(start_iteration + 1, args.iterations + 1), initial=start_iteration, total=args.iterations,
-                   desc=f"{args.algorithm} {args.ways}-way {args.shots}-shot", dynamic_ncols=True)
+                   desc=f"{args.algorithm} {args.ways}-way {args.shots}-shot", dynamic_ncols=True,
+                   disable=rank != 0)
         tic = time.time()
         try:
             if args.resume and start_iteration in args.eval_at and start_iteration != args.iterations \
@@ -291,20 +312,27 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
                 last = snapshot(start_iteration, seconds)
             for iteration in bar:
                 losses, correct = [], 0.0
-                for _ in range(args.meta_batch):
-                    xs, ys, xq, yq = make_task(train.images, train.labels, sampler.sample())
+                tasks = iter(sampler.sample_batch(args.meta_batch, rank, world))
+                for i in range(args.meta_batch):
+                    if i not in mine:  # another process's task: advance the augmentation stream as it does
+                        shift.skip(support)
+                        shift.skip(query)
+                        continue
+                    xs, ys, xq, yq = make_task(train.images, train.labels, next(tasks))
                     xs, ys, xq, yq = (paddle.to_tensor(a) for a in (shift(xs), ys, shift(xq), yq))
                     _, logits = adapt_and_predict(learner, xs, ys, xq, args.inner_steps)
                     losses.append(F.cross_entropy(logits, yq))
                     correct += float((logits.argmax(axis=1) == yq).astype("float32").mean().item())
-                loss = paddle.stack(losses).mean()
-                learner.step(loss)
+                loss = paddle.stack(losses).mean() if losses else None
+                learner.step(loss, num_tasks=len(losses))
                 if schedule is not None:
                     schedule.step()
-                accuracy = correct / args.meta_batch
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
-                if iteration % args.log_every == 0 or iteration == args.iterations:
-                    logger.log(step=iteration, loss=float(loss.item()), accuracy=accuracy)
+                loss_sum, correct = distributed.all_reduce_sum(
+                    [0.0 if loss is None else loss.item() * len(losses), correct])
+                mean_loss, accuracy = loss_sum / args.meta_batch, correct / args.meta_batch
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{accuracy:.3f}")
+                if rank == 0 and (iteration % args.log_every == 0 or iteration == args.iterations):
+                    logger.log(step=iteration, loss=mean_loss, accuracy=accuracy)
                 last = snapshot(iteration, seconds + time.time() - tic)
                 ctrl_c.check()
                 if iteration in args.eval_at and iteration != args.iterations:
@@ -312,25 +340,31 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
                     test_at(iteration)
                     tic += time.time() - pause
                     last = snapshot(iteration, seconds + time.time() - tic)
-                if iteration % args.checkpoint_every == 0 or iteration == args.iterations:
+                if rank == 0 and (iteration % args.checkpoint_every == 0 or iteration == args.iterations):
                     save_checkpoint(checkpoint, learner, optimizer, **last)
         except KeyboardInterrupt:
             bar.close()
-            logger.close()
-            save_checkpoint(checkpoint, learner, optimizer, **last)
-            print(f"interrupted: saved the run at iteration {last['step']} of {args.iterations} to {checkpoint}. "
-                  f"To continue, run the same command with --resume.", file=sys.stderr)
+            if logger is not None:
+                logger.close()
+            if rank == 0:
+                save_checkpoint(checkpoint, learner, optimizer, **last)
+                print(f"interrupted: saved the run at iteration {last['step']} of {args.iterations} to "
+                      f"{checkpoint}. To continue, run the same command with --resume.", file=sys.stderr)
             raise SystemExit(130)
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
         seconds += time.time() - tic
 
         try:
             final = test_record(learner, args, test, extra_eval, ctrl_c.check)
         except KeyboardInterrupt:
-            print(f"interrupted during the final evaluation; meta-training is complete and saved in {checkpoint}. "
-                  f"To evaluate, run the same command with --resume.", file=sys.stderr)
+            if rank == 0:
+                print(f"interrupted during the final evaluation; meta-training is complete and saved in "
+                      f"{checkpoint}. To evaluate, run the same command with --resume.", file=sys.stderr)
             raise SystemExit(130)
+    if rank != 0:
+        return dict(final)
     records = read_jsonl(metrics_path) + [{"step": args.iterations, **final}]
     steps = f"{args.inner_steps} inner step{'s' if args.inner_steps > 1 else ''}"
     plot_learning_curve(records, os.path.join(args.out, "learning_curve.png"),

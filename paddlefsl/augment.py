@@ -52,12 +52,28 @@ class RandomShift:
         height, width = images.shape[-2:]
         if self.max_shift >= min(height, width):
             raise ValueError(f"max_shift={self.max_shift} must be smaller than the image size {height}x{width}")
-        offsets = self._rng.integers(-self.max_shift, self.max_shift + 1, size=(len(images), 2))
+        offsets = self._offsets(len(images))
         out = np.zeros_like(images)
         for image, target, (dy, dx) in zip(images, out, offsets):
             target[..., max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
                 image[..., max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
         return out
+
+    def skip(self, count: int) -> None:
+        """Advance the stream exactly as a call on ``count`` images would, without images.
+
+        A process that meta-trains on a shard of each meta-batch skips the other processes' images, so every
+        process's stream stays where a single process's would be.
+
+        Raises:
+            ValueError: If ``count`` is negative.
+        """
+        if int(count) < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        self._offsets(int(count))
+
+    def _offsets(self, count: int) -> np.ndarray:
+        return self._rng.integers(-self.max_shift, self.max_shift + 1, size=(count, 2))
 
     def get_state(self) -> Dict[str, Any]:
         """Return the state of the random stream (picklable)."""

@@ -9,11 +9,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Task", "EpisodeSampler", "make_task", "mean_confidence_interval"]
+__all__ = ["Task", "EpisodeSampler", "make_task", "mean_confidence_interval", "shard_range"]
+
+
+def shard_range(count: int, rank: int, world_size: int) -> range:
+    """The indices ``0..count-1`` that process ``rank`` of ``world_size`` takes: a contiguous block, the first
+    ``count % world_size`` processes one more than the others (a process may get none).
+
+    Every process draws the same ``count`` tasks and keeps its block, so the set of tasks, and their order across
+    blocks, does not depend on the number of processes.
+
+    Args:
+        count: Number of items (tasks of a meta-batch, evaluation tasks), ``>= 0``.
+        rank: This process's rank, ``0 <= rank < world_size``.
+        world_size: Number of processes, ``>= 1``.
+
+    Returns:
+        A ``range`` of indices.
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example:
+        >>> shard_range(5, 0, 2), shard_range(5, 1, 2)
+        (range(0, 3), range(3, 5))
+    """
+    count, rank, world_size = int(count), int(rank), int(world_size)
+    if count < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need count >= 0, world_size >= 1 and 0 <= rank < world_size; got count={count}, "
+                         f"rank={rank}, world_size={world_size}")
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
 
 
 @dataclass(frozen=True)
@@ -110,6 +141,30 @@ class EpisodeSampler:
     def sample(self) -> Task:
         """Draw one task from the persistent stream (see `get_state()`)."""
         return self._draw(self._rng)
+
+    def sample_batch(self, size: int, rank: int = 0, world_size: int = 1) -> List[Task]:
+        """Draw a meta-batch of ``size`` tasks from the persistent stream and return process ``rank``'s shard.
+
+        Every process draws all ``size`` tasks (only indices, cheap), so the stream advances identically everywhere
+        and one seed gives the same meta-batches for any number of processes; the shard is
+        ``shard_range(size, rank, world_size)``.
+
+        Args:
+            size: Tasks per meta-batch, ``>= 1``.
+            rank: This process's rank.
+            world_size: Number of processes.
+
+        Returns:
+            This process's tasks, in meta-batch order (possibly none).
+
+        Raises:
+            ValueError: If an argument is out of range.
+        """
+        if int(size) < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        mine = shard_range(size, rank, world_size)
+        tasks = [self._draw(self._rng) for _ in range(int(size))]
+        return [tasks[i] for i in mine]
 
     def get_state(self) -> Dict[str, Any]:
         """Return the state of the persistent stream used by `sample()` (picklable)."""

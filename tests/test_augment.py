@@ -42,6 +42,20 @@ def test_same_seed_same_offsets_and_state_round_trip():
     np.testing.assert_array_equal(b(images), first)
 
 
+@pytest.mark.parametrize("max_shift", [0, 2])
+def test_skip_advances_the_stream_as_a_call_on_that_many_images(max_shift):
+    images = np.random.default_rng(1).uniform(0.5, 1.0, size=(5, 1, 7, 7))
+    a, b = RandomShift(max_shift, seed=5), RandomShift(max_shift, seed=5)
+    a(images[:3])
+    a(images[3:])
+    b.skip(3)
+    b.skip(2)
+    assert a.get_state() == b.get_state()
+    np.testing.assert_array_equal(a(images), b(images))
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        b.skip(-1)
+
+
 @pytest.mark.parametrize("max_shift, error, message", [
     (-1, ValueError, "max_shift must be >= 0"),
     (1.5, TypeError, "max_shift must be an integer"),

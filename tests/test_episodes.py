@@ -5,7 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddlefsl.episodes import EpisodeSampler, Task, make_task, mean_confidence_interval
+from paddlefsl.episodes import EpisodeSampler, Task, make_task, mean_confidence_interval, shard_range
 
 
 def _labels(num_classes=10, per_class=20, seed=0):
@@ -131,3 +131,42 @@ def test_mean_confidence_interval_known_value_and_errors():
     assert mean_confidence_interval([1.0, 3.0], z=1.0)[1] == pytest.approx(1.0 / math.sqrt(2))
     with pytest.raises(ValueError):
         mean_confidence_interval([])
+
+
+@pytest.mark.parametrize("count, world", [(4, 2), (5, 2), (1, 2), (0, 3), (7, 3), (600, 7), (3, 1)])
+def test_shards_are_contiguous_blocks_that_cover_every_index_once(count, world):
+    shards = [shard_range(count, r, world) for r in range(world)]
+    assert [i for shard in shards for i in shard] == list(range(count))
+    sizes = [len(shard) for shard in shards]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("args", [(-1, 0, 1), (3, 2, 2), (3, -1, 2), (3, 0, 0)])
+def test_bad_shard_arguments(args):
+    with pytest.raises(ValueError, match="need count >= 0"):
+        shard_range(*args)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_meta_batches_are_the_same_tasks_for_any_number_of_processes(world):
+    """One seed: the shards of every process together are one process's meta-batch, and the streams stay in step."""
+    single = EpisodeSampler(_labels(), 5, 1, 2, seed=7)
+    samplers = [EpisodeSampler(_labels(), 5, 1, 2, seed=7) for _ in range(world)]
+    for _ in range(3):
+        expected = single.sample_batch(5)
+        got = [task for r, sampler in enumerate(samplers) for task in sampler.sample_batch(5, r, world)]
+        assert len(got) == 5
+        for x, y in zip(expected, got):
+            np.testing.assert_array_equal(x.support_indices, y.support_indices)
+            np.testing.assert_array_equal(x.query_indices, y.query_indices)
+    assert all(s.get_state() == single.get_state() for s in samplers)
+    # the meta-batch is the persistent stream's next tasks, as sample() draws them one by one
+    one_by_one = EpisodeSampler(_labels(), 5, 1, 2, seed=7)
+    for _ in range(3 * 5):
+        one_by_one.sample()
+    np.testing.assert_array_equal(one_by_one.sample().query_indices, single.sample().query_indices)
+
+
+def test_sample_batch_rejects_an_empty_meta_batch():
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        EpisodeSampler(_labels(), 5, 1, 2, seed=7).sample_batch(0)

@@ -2,6 +2,7 @@
 from paddlefsl.metaopt.anil import ANIL
 from paddlefsl.metaopt.autodiff import exact_ops
 from paddlefsl.metaopt.base import BaseLearner
+from paddlefsl.metaopt.distributed import CollectiveError
 from paddlefsl.metaopt.errors import SecondOrderError
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model, functional_call
 from paddlefsl.metaopt.gradcheck import GradCheckReport, check_meta_gradients
@@ -11,6 +12,7 @@ from paddlefsl.metaopt.meta_sgd import MetaSGD
 from paddlefsl.metaopt.optim import OptimizerTwin, register_twin, twin_for
 from paddlefsl.metaopt.schedules import multi_step_loss_weights
 
-__all__ = ["ANIL", "BaseLearner", "DifferentiableOptimizer", "FunctionalModel", "GradCheckReport", "MAML", "MetaSGD",
-           "OptimizerTwin", "ParameterSlots", "SecondOrderError", "check_meta_gradients", "clone_model", "exact_ops",
-           "functional_call", "innerloop_ctx", "multi_step_loss_weights", "register_twin", "twin_for"]
+__all__ = ["ANIL", "BaseLearner", "CollectiveError", "DifferentiableOptimizer", "FunctionalModel", "GradCheckReport",
+           "MAML", "MetaSGD", "OptimizerTwin", "ParameterSlots", "SecondOrderError", "check_meta_gradients",
+           "clone_model", "exact_ops", "functional_call", "innerloop_ctx", "multi_step_loss_weights", "register_twin",
+           "twin_for"]

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import paddle
 from paddle import nn
 
+from paddlefsl.metaopt import distributed
 from paddlefsl.metaopt.autodiff import released, scope
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model
 
@@ -86,6 +87,15 @@ def _running_statistics(layer: nn.Layer) -> set[int]:
     """Ids of the running-statistics tensors Paddle stores as frozen parameters of batch-norm layers."""
     return {id(sub._parameters[key]) for sub in batch_norms(layer) for key in ("_mean", "_variance")
             if sub._parameters.get(key) is not None}
+
+
+def _statistics(layer: nn.Layer) -> list[paddle.Tensor]:
+    """The tensors task learners may update in place (``batch_norm="shared"``, ANIL's shared features): batch-norm
+    running statistics and buffers."""
+    stats = _running_statistics(layer)
+    tensors = [t for _, sub in layer.named_sublayers(include_self=True) for t in sub._parameters.values()
+               if t is not None and id(t) in stats] + [t for t in layer.buffers() if t is not None]
+    return list({id(t): t for t in tensors}.values())
 
 
 class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
@@ -198,30 +208,48 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
                             f"{kernel.group(1) if kernel else 'first'} kernel takes floating point data only; cast "
                             f"it, e.g. x.astype({dtype or 'float32'}) (and scale images to [0, 1])") from None
 
-    def step(self, loss: paddle.Tensor) -> None:
+    def step(self, loss: paddle.Tensor | None, num_tasks: int | None = None) -> None:
         """Meta update: back-propagate ``loss`` into the meta-model, apply ``meta_optimizer``, clear gradients.
 
-        Without a ``meta_optimizer`` the gradients are left in ``parameter.grad`` for you to use.
+        Without a ``meta_optimizer`` the gradients are left in ``parameter.grad`` for you to use. When several
+        processes run (``paddle.distributed``), ``loss`` is the mean query loss over this process's ``num_tasks``
+        tasks, and the meta-gradients are all-reduced into the gradient of the mean over all processes' tasks
+        before the meta-optimizer runs, so every process takes the same step (see `paddlefsl.metaopt.distributed`).
+        If your loss is a sum over tasks, pass ``loss / num_tasks``.
 
         Args:
-            loss: a scalar built from task learners' outputs, usually the mean query loss of a meta-batch.
+            loss: a scalar built from task learners' outputs, usually the mean query loss of a meta-batch; None on
+                a process whose shard of the meta-batch is empty (``num_tasks=0``).
+            num_tasks: how many tasks ``loss`` averages; required when several processes run.
 
         Raises:
             RuntimeError: if called on a task learner, or if no task learner was cloned since the last step.
-            ValueError: if ``loss`` is not a connected scalar, or reaches no meta-model parameter.
+            ValueError: if ``loss`` is not a connected scalar, or reaches no meta-model parameter, or ``num_tasks``
+                is missing or negative where it must be given.
             FloatingPointError: if ``loss`` is not finite.
+            CollectiveError: if another process failed.
         """
         if self._meta is not None:
             raise RuntimeError("step() is the meta update: call it on the learner you built, not on a task "
                                "learner from clone()")
-        check_scalar_loss(loss, "step")
-        if self._clones_since_step == 0:
-            raise RuntimeError("step(loss): no task learner was cloned since the last step; build loss from "
-                               "task learners (task = learner.clone(); task.adapt(...); loss = f(task(x)))")
-        loss.backward()
+        tasks = distributed.check_num_tasks(num_tasks)
         trainable = [p for p in self.parameters() if not p.stop_gradient]
-        if all(p.grad is None for p in trainable):
-            raise ValueError("step(loss): loss reaches none of the meta-model's parameters")
+        if tasks == 0:
+            if loss is not None:
+                raise ValueError("step(loss, num_tasks=0): a process with no tasks has no loss; pass loss=None")
+        else:
+            check_scalar_loss(loss, "step")
+            if self._clones_since_step == 0:
+                raise RuntimeError("step(loss): no task learner was cloned since the last step; build loss from "
+                                   "task learners (task = learner.clone(); task.adapt(...); loss = f(task(x)))")
+            loss.backward()
+            if all(p.grad is None for p in trainable):
+                raise ValueError("step(loss): loss reaches none of the meta-model's parameters")
+        if distributed.is_parallel():
+            total = distributed.all_reduce_meta_gradients(trainable, tasks)
+            if total == 0:
+                raise ValueError("step(loss, num_tasks=0) on every process: the meta-batch has no tasks")
+            distributed.average_statistics(_statistics(self), tasks)
         self._clones_since_step = 0
         if self.meta_optimizer is not None:
             self.meta_optimizer.step()

@@ -276,9 +276,9 @@ class MAML(BaseLearner):
         with self._per_step_norms():
             return super().forward(*args, **kwargs)
 
-    def step(self, loss: paddle.Tensor) -> None:
+    def step(self, loss: paddle.Tensor | None, num_tasks: int | None = None) -> None:
         """Meta update as `BaseLearner.step()`, then count one meta-iteration (see ``first_order_until``)."""
-        super().step(loss)
+        super().step(loss, num_tasks)
         self._iteration += 1
 
     def adapt(self, loss: paddle.Tensor, first_order: bool | None = None) -> None:

@@ -55,7 +55,7 @@ def learning_curve_figure(records: Union[str, Sequence[Dict[str, Any]]], keys: O
         >>> fig.axes[0].get_xlabel()
         'iteration'
     """
-    require("matplotlib", "plot", "learning_curve_figure")
+    require("matplotlib", "plot", "plot_learning_curve")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
