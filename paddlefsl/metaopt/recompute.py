@@ -108,7 +108,7 @@ class _Twin:
         learner._adapt_steps = 0
         learner._clones_since_step = 0
         learner._iteration = 0
-        learner._step_index = task._step_index
+        learner._step_index = getattr(task, "_step_index", 0)
         for name, layer in task.named_children():
             memo: dict[int, object] = {}
             for sub in layer.sublayers(include_self=True):
@@ -195,10 +195,10 @@ def _check_leaves(loss: paddle.Tensor, allowed: list[paddle.Tensor], index: int)
         seen.add(ptr)
         if node.name() == "GradNodeAccumulation" and ptr not in known:
             raise ValueError(
-                f"adapt step {index + 1} (recompute): the loss function uses a tensor that needs gradients and is "
-                "not a parameter of the learner it is given; with recompute the loss must be computed from that "
-                "learner only (task.adapt(lambda learner: loss_fn(learner(x), y))), not from the task learner or "
-                "other tensors captured by the function")
+                f"adapt step {index + 1}: the loss function uses a tensor that needs gradients and is not a "
+                "parameter of the learner it is given; the loss must be computed from that learner only "
+                "(task.adapt(lambda learner: loss_fn(learner(x), y))), not from the task learner or other tensors "
+                "captured by the function, or their meta-gradient through the replayed steps would be missing")
         stack.extend(n[0] if isinstance(n, tuple) else n for n in node.next_functions)
 
 
