@@ -39,11 +39,13 @@ __all__ = ["CGReport", "IMAML", "conjugate_gradient"]
 @dataclass(frozen=True)
 class CGReport:
     """One conjugate-gradient solve: ``iterations`` run, the relative ``residual`` reached, whether it met the
-    tolerance (``converged``; always ``False`` without a tolerance unless the residual is exactly zero)."""
+    tolerance (``converged``; always ``False`` without a tolerance unless the residual is exactly zero), and why it
+    stopped early (``stopped``: ``""``, or a note on the non-positive curvature it met)."""
 
     iterations: int
     residual: float
     converged: bool
+    stopped: str = ""
 
 
 def conjugate_gradient(matvec: Callable[[paddle.Tensor], paddle.Tensor], b: paddle.Tensor, steps: int,
@@ -57,11 +59,13 @@ def conjugate_gradient(matvec: Callable[[paddle.Tensor], paddle.Tensor], b: padd
         tol: stop when ``|b - A x| <= tol * |b|``; ``None`` runs all ``steps``.
 
     Returns:
-        ``(x, report)``.
+        ``(x, report)``. Without ``tol``, a non-positive curvature ``p^T A p <= 0`` (``A`` not positive definite)
+        stops the iterations: ``x`` is the iterate reached (``b`` itself if it meets it at the first iteration) and
+        ``report.stopped`` says so.
 
     Raises:
-        ConvergenceError: if ``tol`` is given and not reached in ``steps`` iterations, or ``A`` shows a
-            non-positive curvature ``p^T A p <= 0`` (not positive definite).
+        ConvergenceError: if ``tol`` is given and not reached in ``steps`` iterations, or if ``tol`` is given and
+            ``A`` shows a non-positive curvature.
 
     Example:
         >>> A = paddle.to_tensor([[4.0, 1.0], [1.0, 3.0]], dtype="float64")
@@ -82,10 +86,12 @@ def conjugate_gradient(matvec: Callable[[paddle.Tensor], paddle.Tensor], b: padd
             ap = matvec(p)
             curvature = float((p * ap).sum().item())
             if not curvature > 0:
+                note = f"non-positive curvature p^T A p = {curvature:.3g}: I + H / lam is not positive definite"
+                if tol is None:
+                    return (b.clone() if iterations == 1 else x), CGReport(iterations - 1, math.sqrt(rs) / norm_b,
+                                                                           False, note)
                 raise ConvergenceError("conjugate gradient (iMAML meta-gradient)", iterations,
-                                       math.sqrt(rs) / norm_b, tol or 0.0,
-                                       f"non-positive curvature p^T A p = {curvature:.3g}: I + H / lam is not "
-                                       "positive definite; raise lam")
+                                       math.sqrt(rs) / norm_b, tol, f"{note}; raise lam")
             alpha = rs / curvature
             x = x + alpha * p
             r = r - alpha * ap
@@ -252,12 +258,13 @@ class IMAML(BaseLearner):
         task._adapted = False
         return task
 
-    def adapt(self, loss: Callable[["IMAML"], paddle.Tensor]) -> None:
+    def adapt(self, loss: Callable[["IMAML"], paddle.Tensor], steps: int | None = None) -> None:
         """Solve the proximal inner problem for this task learner (all ``inner_steps`` at once).
 
         Args:
             loss: the support loss as a function of the learner it is given,
                 ``lambda learner: F.cross_entropy(learner(x), y)`` (it is evaluated again in the meta-backward).
+            steps: the number of inner steps for this task learner instead of ``inner_steps`` (e.g. at test time).
 
         Raises:
             RuntimeError: if called on the meta-learner, or twice on one task learner.
@@ -271,6 +278,8 @@ class IMAML(BaseLearner):
                             f"meta-backward evaluates it again; got {type(loss).__name__}")
         if self._adapted:
             raise RuntimeError("adapt() already solved this task learner's inner problem; clone again for a new task")
+        steps = self.inner_steps if steps is None else check_step_count(steps, "steps", steps if isinstance(
+            steps, int) else None)
         slots = ParameterSlots(self.model)
         positions = [i for i, p in enumerate(slots.tensors) if not p.stop_gradient]
         names = [slots.names[i] for i in positions]
@@ -279,7 +288,7 @@ class IMAML(BaseLearner):
         theta = [t.detach() for t in theta_graph]
         phi = list(theta)
         with paddle.enable_grad():
-            for step in range(self.inner_steps):
+            for step in range(steps):
                 leaves = _leaves(phi)
                 undo = twin.model_slots.write(_place(len(twin.model_slots), twin.adapted, leaves))
                 try:
@@ -293,7 +302,7 @@ class IMAML(BaseLearner):
                 with paddle.no_grad():
                     phi = [p - self.inner_lr * ((0 if g is None else g.detach()) + self.lam * (p - t))
                            for p, g, t in zip(phi, grads, theta)]
-        self._adapt_steps = self.inner_steps
+        self._adapt_steps = steps
         root = self._meta
         solve = _Solve(twin, loss, phi, paddle.get_rng_state(), _snapshot(twin.buffers), root)
         outputs = _Implicit.apply(solve, *theta_graph)

@@ -109,7 +109,7 @@ class _Twin:
         learner._clones_since_step = 0
         learner._iteration = 0
         learner._step_index = getattr(task, "_step_index", 0)
-        for name, layer in task.named_children():
+        for name, layer in _own_layers(task):
             memo: dict[int, object] = {}
             for sub in layer.sublayers(include_self=True):
                 for tensor in list(sub._parameters.values()) + list(sub._buffers.values()):
@@ -119,9 +119,9 @@ class _Twin:
         self.learner = learner
         self.model_slots = ParameterSlots(learner.model)
         self.adapted = [i for i, p in enumerate(self.model_slots.tensors) if not p.stop_gradient]
-        self.context_slots = [ParameterSlots(layer) for name, layer in learner.named_children() if name != "model"]
+        self.context_slots = [ParameterSlots(layer) for name, layer in _own_layers(learner) if name != "model"]
         self.context = [[i for i, p in enumerate(s.tensors) if not p.stop_gradient] for s in self.context_slots]
-        self.buffers = [t for sub in learner.sublayers(include_self=True)
+        self.buffers = [t for _, layer in _own_layers(learner) for sub in layer.sublayers(include_self=True)
                         for t in _stat_tensors(sub)]
 
     def read_context(self) -> list[paddle.Tensor]:
@@ -152,6 +152,11 @@ class _Twin:
             for slots, undo in zip(self.context_slots, undo_context):
                 slots.restore(undo)
             self.model_slots.restore(undo_model)
+
+
+def _own_layers(learner: nn.Layer) -> list[tuple[str, nn.Layer]]:
+    """The learner's own sublayers (model, learned rates, per-step batch-norm sets), not its meta-learner."""
+    return [(name, layer) for name, layer in learner.named_children() if not name.startswith("_")]
 
 
 def _stat_tensors(layer: nn.Layer) -> list[paddle.Tensor]:
@@ -318,7 +323,7 @@ def recomputed_step(task: "MAML", closure: Closure, first_order: bool, interval:
         twin = state.twin if state is not None else _Twin(task)
         twin.learner._step_index = task._step_index
         context_now = [s.tensors[i] for s, idx in zip(
-            [ParameterSlots(layer) for name, layer in task.named_children() if name != "model"], twin.context)
+            [ParameterSlots(layer) for name, layer in _own_layers(task) if name != "model"], twin.context)
             for i in idx]
         state = _Open(twin, adapted_now, context_now)
     twin = state.twin

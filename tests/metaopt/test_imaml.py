@@ -82,6 +82,9 @@ def test_conjugate_gradient_solves_and_reports():
     assert report.converged and report.iterations <= 6
     with pytest.raises(ConvergenceError, match="non-positive curvature"):
         conjugate_gradient(lambda v: -v, b, 5, 1e-8)
+    x, report = conjugate_gradient(lambda v: -v, b, 5, None)
+    np.testing.assert_array_equal(x.numpy(), b.numpy())
+    assert report.iterations == 0 and not report.converged and "non-positive curvature" in report.stopped
 
 
 def conv_bn(dropout=0.0):
@@ -141,3 +144,14 @@ def test_adapt_takes_a_function_once_per_task_learner():
         task.adapt(lambda l: F.mse_loss(l(xs), ys))
     with pytest.raises(RuntimeError, match="clone"):
         learner.adapt(lambda l: F.mse_loss(l(xs), ys))
+
+
+def test_meta_iterations_with_a_meta_optimizer():
+    xs, ys, xq, yq = regression_task()
+    model = small_mlp()
+    learner = IMAML(model, inner_lr=0.1, lam=1.0, inner_steps=3, cg_tol=None,
+                    meta_optimizer=paddle.optimizer.Adam(1e-2, parameters=model.parameters()))
+    before = [p.numpy().copy() for p in model.parameters()]
+    for _ in range(2):
+        learner.step(query_after_adapt(learner, (xs, ys, xq, yq)))
+    assert all(np.abs(a - p.numpy()).max() > 0 for a, p in zip(before, model.parameters()))

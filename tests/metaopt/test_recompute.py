@@ -179,3 +179,21 @@ def test_bad_step_counts_are_refused(option, value, error, match):
 def test_step_counts_need_inner_steps(option):
     with pytest.raises(ValueError, match="needs inner_steps"):
         MAML(mlp(), 0.3, **{option: 2})
+
+
+def test_meta_iterations_with_a_meta_optimizer():
+    """The replay twin copies the task learner's own layers, never its meta-learner (whose optimizer holds state
+    that cannot be copied after a step)."""
+    xs, ys, xq, yq = image_task()
+    model = conv_bn()
+    learner = MAML(model, 0.1, inner_steps=2, recompute=1,
+                   meta_optimizer=paddle.optimizer.Adam(1e-3, parameters=model.parameters()))
+    before = [p.numpy().copy() for p in model.parameters()]
+    for _ in range(2):
+        task = learner.clone()
+        for _ in range(2):
+            task.adapt(lambda l: F.cross_entropy(l(xs), ys))
+        learner.step(F.cross_entropy(task(xq), yq))
+    assert any(np.abs(a - p.numpy()).max() > 0 for a, p in zip(before, model.parameters()))
+    twin = task._recompute_open.twin
+    assert [name for name, _ in twin.learner.named_children() if not name.startswith("_")] == ["model"]
