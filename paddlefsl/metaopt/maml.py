@@ -132,12 +132,30 @@ class MAML(BaseLearner):
         first_order_until: the number of meta-iterations to run first order before switching to second order.
         per_step_bn_stats: per-step batch-norm running statistics (BNRS).
         per_step_bn_weights: per-step batch-norm weight and bias (BNWB).
+        truncate: keep second-order terms in the last ``truncate`` inner steps only; earlier steps are first order
+            (their Jacobian ``dw_{i+1}/dw_i = I - lr * H_i`` is replaced by ``I``, as FOMAML does for all steps), so
+            only ``truncate`` steps' graphs are stored. An approximation: ``truncate=inner_steps`` is exact MAML.
+            A positive integer ``<= inner_steps`` (needs ``inner_steps``).
+        recompute: keep an inner-step boundary every ``recompute`` steps and replay the steps in between during the
+            meta-backward (:mod:`paddlefsl.metaopt.recompute`): the same meta-gradient as the stored loop, with
+            memory that does not grow with the number of steps, for about one more forward and backward of the
+            support loss per step. ``adapt`` then takes the support loss as a function of a learner. A positive
+            integer ``<= inner_steps`` (needs ``inner_steps``); ``1`` uses the least memory.
 
     Raises:
         TypeError, ValueError: as :class:`~paddlefsl.metaopt.BaseLearner`, and for bad option values (the message
             names the argument and what it expects).
 
     Example:
+        Memory that does not grow with the inner steps (exact), or truncated second order (approximate):
+
+        >>> learner = MAML(model, 0.01, inner_steps=20, recompute=1)      # doctest: +SKIP
+        >>> task = learner.clone()
+        >>> for _ in range(20):
+        ...     task.adapt(lambda l: F.cross_entropy(l(x_support), y_support))
+        >>> learner.step(F.cross_entropy(task(x_query), y_query))
+        >>> MAML(model, 0.01, inner_steps=20, truncate=2)                 # doctest: +SKIP
+
         >>> maml = MAML(model, inner_lr=0.4,
         ...             meta_optimizer=paddle.optimizer.Adam(1e-3, parameters=model.parameters()))
         >>> task = maml.clone()
