@@ -12,8 +12,9 @@ max-pool, meta-batch 4, 84x84 images, random data of those shapes):
 
 Each configuration runs in a fresh Python process (so its peak resident memory, ``ru_maxrss``, is its own):
 ``--warmup`` untimed meta-iterations (default 0: on a slow shared machine the first iteration's one-time costs are
-small against its tens of seconds), then ``--iterations`` timed ones. The process also reports its resident memory just before
-the first meta-iteration (model, data and Paddle loaded), so ``peak - base`` is what the meta-iterations added.
+small against its minutes), then ``--iterations`` timed ones. The process also reports its resident memory just
+before the first meta-iteration (model, data and Paddle loaded), so ``peak - base`` is what the meta-iterations
+added.
 Writes ``OUT.json`` and ``OUT.png`` (time and peak memory against steps).
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ by ``inner_steps`` gradient steps from ``phi = theta`` (no graph kept), and the 
 solved by conjugate gradient on Hessian-vector products at ``phi*`` during the meta-backward. Memory does not grow
 with ``inner_steps``: one Hessian-vector graph of the support loss exists at a time. The meta-gradient is exact
 for the *exact* proximal solution; the inner loop's convergence and the conjugate gradient's tolerance bound its
-error (a conjugate gradient that stops above ``cg_tol`` raises :class:`~paddlefsl.metaopt.errors.ConvergenceError`
+error (a conjugate gradient that stops above ``cg_tol`` raises `paddlefsl.metaopt.errors.ConvergenceError`
 with its iterations and residual; with ``cg_tol=None`` it runs ``cg_steps`` iterations and every solve is recorded
 in ``learner.cg_reports``).
 """
@@ -211,10 +211,13 @@ class IMAML(BaseLearner):
         cg_tol: the relative residual the conjugate gradient must reach, or ``None`` to run exactly ``cg_steps``
             iterations (each solve is then recorded in ``cg_reports``, never raised).
         first_order: use ``dL/dphi*`` as the meta-gradient (no linear solve).
-        allow_unused, allow_nograd, meta_optimizer, batch_norm: see :class:`~paddlefsl.metaopt.BaseLearner`.
+        allow_unused: see `paddlefsl.metaopt.BaseLearner`.
+        allow_nograd: see `paddlefsl.metaopt.BaseLearner`.
+        meta_optimizer: see `paddlefsl.metaopt.BaseLearner`.
+        batch_norm: see `paddlefsl.metaopt.BaseLearner`.
 
     Attributes:
-        cg_reports: a :class:`CGReport` per solve since the last :meth:`step`.
+        cg_reports: a `CGReport` per solve since the last `step`.
 
     Raises:
         TypeError, ValueError: for bad arguments (the message names the argument).
@@ -311,7 +314,7 @@ class IMAML(BaseLearner):
         self._adapted = True
 
     def step(self, loss: paddle.Tensor) -> None:
-        """Meta update as :meth:`BaseLearner.step`; ``cg_reports`` then holds this step's solves.
+        """Meta update as `BaseLearner.step`; ``cg_reports`` then holds this step's solves.
 
         Raises:
             ConvergenceError: if a conjugate gradient did not reach ``cg_tol`` (iterations and residual given).

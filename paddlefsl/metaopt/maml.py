@@ -137,7 +137,7 @@ class MAML(BaseLearner):
             only ``truncate`` steps' graphs are stored. An approximation: ``truncate=inner_steps`` is exact MAML.
             A positive integer ``<= inner_steps`` (needs ``inner_steps``).
         recompute: keep an inner-step boundary every ``recompute`` steps and replay the steps in between during the
-            meta-backward (:mod:`paddlefsl.metaopt.recompute`): the same meta-gradient as the stored loop, with
+            meta-backward (`paddlefsl.metaopt.recompute`): the same meta-gradient as the stored loop, with
             memory that does not grow with the number of steps, for about one more forward and backward of the
             support loss per step. ``adapt`` then takes the support loss as a function of a learner. A positive
             integer ``<= inner_steps`` (needs ``inner_steps``); ``1`` uses the least memory.
@@ -315,7 +315,7 @@ class MAML(BaseLearner):
 
         ``lr`` is ``inner_lr``, or the learned rate of ``w`` (for this step, with ``"per_step_per_layer"``).
         With ``truncate=k``, steps before the last ``k`` are first order. With ``recompute``, ``loss`` must be a
-        function of a learner (see :mod:`paddlefsl.metaopt.recompute`).
+        function of a learner (see `paddlefsl.metaopt.recompute`).
 
         Args:
             loss: a scalar loss computed with this task learner, or a function that computes it from the learner

@@ -22,7 +22,7 @@ What makes a replay identical to the original steps:
 
 Order: the segment's backward is exact for the meta-gradient (first derivative of the meta-loss, second order in
 the inner loss). Differentiating the meta-gradient again (``paddle.grad(..., create_graph=True)`` through a
-segment) raises :class:`~paddlefsl.metaopt.SecondOrderError` instead of returning a wrong value.
+segment) raises `paddlefsl.metaopt.SecondOrderError` instead of returning a wrong value.
 
 Time: every second-order step runs twice forward (once for its values, once in the replay), plus the replay's
 vector-Jacobian product, which is the backward the stored loop does anyway.
@@ -250,7 +250,7 @@ class _Replay:
 
 def _grad(outputs: list[paddle.Tensor], inputs: list[paddle.Tensor],
           grad_outputs: list[paddle.Tensor]) -> list[paddle.Tensor | None]:
-    """``paddle.grad`` that re-raises a :class:`SecondOrderError` met inside Paddle's backward as itself."""
+    """``paddle.grad`` that re-raises a `SecondOrderError` met inside Paddle's backward as itself."""
     scope.take_error()
     try:
         return list(paddle.grad(outputs, inputs, grad_outputs=grad_outputs, allow_unused=True))
