@@ -39,15 +39,13 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def child(mode: str, steps: int, iterations: int, warmup: int, bench_dir: str) -> dict:
-    """Run one configuration in this process and return its figures."""
-    import resource
-
+def build(mode: str, steps: int, bench_dir: str, meta_batch: int | None = None):
+    """The W2 model, learner and random tasks for one configuration; returns ``meta_iteration()``."""
     import paddle
     import paddle.nn.functional as F
     from paddle import nn
 
-    from paddlefsl.metaopt import MAML
+    from paddlefsl.metaopt import IMAML, MAML
 
     spec = importlib.util.spec_from_file_location("workload", os.path.join(bench_dir, "workload.py"))
     workload = importlib.util.module_from_spec(spec)
@@ -63,8 +61,6 @@ def child(mode: str, steps: int, iterations: int, warmup: int, bench_dir: str) -
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(W["channels"] * size * size, W["ways"]))
     optimizer = paddle.optimizer.Adam(1e-3, parameters=model.parameters())
     if mode == "implicit":
-        from paddlefsl.metaopt import IMAML
-
         learner = IMAML(model, W["inner_lr"], inner_steps=steps, lam=1.0, cg_steps=5, cg_tol=None,
                         meta_optimizer=optimizer)
     else:
@@ -73,7 +69,7 @@ def child(mode: str, steps: int, iterations: int, warmup: int, bench_dir: str) -
     n_s, n_q = W["ways"] * W["shots"], W["ways"] * W["query"]
     tasks = [(paddle.randn([n_s, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["shots"]),
               paddle.randn([n_q, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["query"]))
-             for _ in range(W["meta_batch"])]
+             for _ in range(meta_batch or W["meta_batch"])]
 
     def meta_iteration():
         losses = []
@@ -87,6 +83,31 @@ def child(mode: str, steps: int, iterations: int, warmup: int, bench_dir: str) -
             losses.append(F.cross_entropy(task(xq), yq))
         learner.step(paddle.stack(losses).mean())
 
+    return meta_iteration
+
+
+def interleaved(steps: int, modes: list[str], rounds: int, meta_batch: int | None, bench_dir: str) -> dict:
+    """Time the modes side by side in one process, one meta-iteration of each in turn, ``rounds`` times (after one
+    untimed round): ratios to ``stored`` that a drifting machine speed moves much less than separate runs."""
+    runs = {mode: build(mode, steps, bench_dir, meta_batch) for mode in modes}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for r in range(rounds + 1):
+        for mode, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if r:
+                times[mode].append(time.perf_counter() - start)
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    ratios = {mode: medians[mode] / medians["stored"] for mode in modes} if "stored" in medians else {}
+    return dict(steps=steps, meta_batch=meta_batch, rounds=rounds, times=times, median_seconds=medians,
+                ratio_to_stored=ratios, threads=os.environ.get("OMP_NUM_THREADS", "default"))
+
+
+def child(mode: str, steps: int, iterations: int, warmup: int, bench_dir: str) -> dict:
+    """Run one configuration in this process and return its figures."""
+    import resource
+
+    meta_iteration = build(mode, steps, bench_dir)
     base = _rss_mib()
     times = []
     for i in range(warmup + iterations):
@@ -108,6 +129,11 @@ def main() -> None:
     parser.add_argument("--bench-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "steps_sweep"))
     parser.add_argument("--child", nargs=2, metavar=("MODE", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--interleave", type=int, metavar="STEPS",
+                        help="instead of the sweep: time the modes side by side in one process at STEPS inner steps "
+                             "(--iterations rounds, --meta-batch tasks) and write OUT_time.json")
+    parser.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-batch for --interleave "
+                                                                      "(default W2's 4)")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.bench_dir, "workload.py")):
         parser.error(f"no workload.py in --bench-dir {args.bench_dir}")
@@ -115,6 +141,17 @@ def main() -> None:
         parser.error("--steps and --iterations must be positive integers, --warmup a non-negative one")
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.iterations, args.warmup, args.bench_dir)))
+        return
+    if args.interleave is not None:
+        if args.interleave < 1 or (args.meta_batch is not None and args.meta_batch < 1):
+            parser.error("--interleave and --meta-batch must be positive integers")
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+        result = interleaved(args.interleave, args.modes, args.iterations, args.meta_batch, args.bench_dir)
+        with open(args.out + "_time.json", "w") as f:
+            json.dump(result, f, indent=1)
+        for mode, seconds in result["median_seconds"].items():
+            print(f"{mode:>10} {args.interleave:>3} steps: {seconds:8.2f} s/meta-iter "
+                  f"({result['ratio_to_stored'].get(mode, float('nan')):.2f}x stored)")
         return
     results = []
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
