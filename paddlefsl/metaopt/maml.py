@@ -337,7 +337,7 @@ class MAML(BaseLearner):
                 and self._step_index < self.inner_steps - self.truncate:
             first_order = True
         first = self.first_order if first_order is None else bool(first_order)
-        recompute = getattr(self, "recompute", None)
+        recompute = self.recompute
         if isinstance(loss, paddle.Tensor):
             if recompute is not None and self._meta is not None:
                 raise TypeError(f"adapt: the learner was built with recompute={recompute}, which replays the "
