@@ -30,7 +30,7 @@ from paddlefsl.metaopt.autodiff import scope
 from paddlefsl.metaopt.base import BaseLearner, check_inner_lr
 from paddlefsl.metaopt.errors import ConvergenceError, SecondOrderError
 from paddlefsl.metaopt.functional import ParameterSlots
-from paddlefsl.metaopt.recompute import (_check_leaves, _leaves, _place, _set_buffers, _snapshot, _Twin,
+from paddlefsl.metaopt.recompute import (_leaves, check_loss_function_once, _place, _set_buffers, _snapshot, _Twin,
                                          check_step_count)
 
 __all__ = ["CGReport", "IMAML", "conjugate_gradient"]
@@ -296,8 +296,8 @@ class IMAML(BaseLearner):
                 undo = twin.model_slots.write(_place(len(twin.model_slots), twin.adapted, leaves))
                 try:
                     value = loss(twin.learner)
-                    if isinstance(value, paddle.Tensor) and not value.stop_gradient and step == 0:
-                        _check_leaves(value, leaves, step)
+                    if isinstance(value, paddle.Tensor) and not value.stop_gradient:
+                        check_loss_function_once(self._meta, value, leaves, step)
                     self._adapt_steps = step
                     grads = self._gradients(value, names, leaves, True, self.allow_unused)
                 finally:

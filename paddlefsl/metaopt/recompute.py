@@ -143,8 +143,8 @@ class _Twin:
         learner._step_index = record.index
         try:
             loss = record.closure(learner)
-            if allowed is not None and isinstance(loss, paddle.Tensor):
-                _check_leaves(loss, allowed, record.index)
+            if allowed is not None and isinstance(loss, paddle.Tensor) and not loss.stop_gradient:
+                check_loss_function_once(learner._meta, loss, allowed, record.index)
             learner._gradient_step(learner.model, loss, learner._rates(), not create_graph)
             return [ParameterSlots(learner.model).tensors[i] for i in self.adapted]
         finally:
@@ -182,6 +182,19 @@ def _leaves(tensors: list[paddle.Tensor]) -> list[paddle.Tensor]:
         leaf.stop_gradient = False
         out.append(leaf)
     return out
+
+
+def check_loss_function_once(root: nn.Layer, loss: paddle.Tensor, allowed: list[paddle.Tensor], index: int) -> None:
+    """Run `_check_leaves` on the first replayable step of a meta-learner only.
+
+    Walking Paddle's grad nodes from Python (``grad_fn`` / ``next_functions``) keeps the walked graph alive for the
+    life of the process (seen in Paddle 3.3.1: about one support step's activations per walk), so the walk is done
+    once per meta-learner, on its first step, where a loss function that reads the wrong tensors shows at once.
+    """
+    if getattr(root, "_loss_function_checked", False):
+        return
+    _check_leaves(loss, allowed, index)
+    root._loss_function_checked = True
 
 
 def _check_leaves(loss: paddle.Tensor, allowed: list[paddle.Tensor], index: int) -> None:

@@ -197,3 +197,19 @@ def test_meta_iterations_with_a_meta_optimizer():
     assert any(np.abs(a - p.numpy()).max() > 0 for a, p in zip(before, model.parameters()))
     twin = task._recompute_open.twin
     assert [name for name, _ in twin.learner.named_children() if not name.startswith("_")] == ["model"]
+
+
+def test_the_graph_walk_runs_once_per_meta_learner(monkeypatch):
+    """Walking grad nodes from Python keeps the walked graph alive in Paddle 3.3.1 (one support step's activations
+    per walk, measured on W2 shapes), so the loss-function check walks only the first step of a meta-learner."""
+    walks = []
+    original = recompute_module._check_leaves
+    monkeypatch.setattr(recompute_module, "_check_leaves", lambda *a: walks.append(1) or original(*a))
+    xs, ys, xq, yq = regression_task()
+    learner = MAML(mlp(), 0.3, inner_steps=3, recompute=1)
+    for _ in range(2):
+        task = learner.clone()
+        for _ in range(3):
+            task.adapt(lambda l: F.mse_loss(l(xs), ys))
+        learner.step(F.mse_loss(task(xq), yq))
+    assert walks == [1]
