@@ -263,10 +263,17 @@ class _Replay:
 
 def _grad(outputs: list[paddle.Tensor], inputs: list[paddle.Tensor],
           grad_outputs: list[paddle.Tensor]) -> list[paddle.Tensor | None]:
-    """``paddle.grad`` that re-raises a `SecondOrderError` met inside Paddle's backward as itself."""
+    """The vector-Jacobian product ``grad_outputs . d outputs / d inputs`` for fresh leaf ``inputs``, re-raising a
+    `SecondOrderError` met inside Paddle's backward as itself.
+
+    It runs ``paddle.autograd.backward`` and reads the leaves' ``.grad``: ``paddle.grad`` called inside a PyLayer's
+    backward kept the replayed step's graph alive (Paddle 3.3.1; about one support step's activations per segment on
+    W2 shapes, so memory grew with the number of steps again).
+    """
     scope.take_error()
     try:
-        return list(paddle.grad(outputs, inputs, grad_outputs=grad_outputs, allow_unused=True))
+        paddle.autograd.backward(outputs, grad_outputs)
+        return [leaf.grad for leaf in inputs]
     except SecondOrderError:
         raise
     except Exception:

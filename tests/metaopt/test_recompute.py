@@ -213,3 +213,18 @@ def test_the_graph_walk_runs_once_per_meta_learner(monkeypatch):
             task.adapt(lambda l: F.mse_loss(l(xs), ys))
         learner.step(F.mse_loss(task(xq), yq))
     assert walks == [1]
+
+
+def test_the_replay_takes_its_vector_jacobian_product_with_backward(monkeypatch):
+    """``paddle.grad`` inside the segment's backward kept each replayed graph alive (memory grew with the steps);
+    the replay must not call it for the vector-Jacobian product."""
+    calls = []
+    original = paddle.grad
+
+    def spy(outputs, inputs, grad_outputs=None, **kwargs):
+        calls.append(grad_outputs is not None)
+        return original(outputs, inputs, grad_outputs=grad_outputs, **kwargs)
+
+    monkeypatch.setattr(paddle, "grad", spy)
+    meta_run("mlp", recompute=1)
+    assert calls and not any(calls)
