@@ -163,7 +163,14 @@ class _Solve:
                         return v + _flat(hv).detach() / root.lam
 
                 b = _flat([g.detach() for g in grads])
-                x, report = conjugate_gradient(matvec, b, root.cg_steps, root.cg_tol)
+                try:
+                    x, report = conjugate_gradient(matvec, b, root.cg_steps, root.cg_tol)
+                finally:
+                    if pairs:
+                        # Release the Hessian graph with a last traversal by paddle.autograd.backward: after
+                        # paddle.grad inside a PyLayer's backward Paddle 3.3.1 kept it alive (memory grew with every
+                        # task), and paddle.autograd.backward with retain_graph=True there crashed.
+                        paddle.autograd.backward([g for g, _ in pairs], [paddle.zeros_like(g) for g, _ in pairs])
             except ConvergenceError as error:
                 root._cg_error = error
                 raise

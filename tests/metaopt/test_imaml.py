@@ -155,3 +155,15 @@ def test_meta_iterations_with_a_meta_optimizer():
     for _ in range(2):
         learner.step(query_after_adapt(learner, (xs, ys, xq, yq)))
     assert all(np.abs(a - p.numpy()).max() > 0 for a, p in zip(before, model.parameters()))
+
+
+def test_the_hessian_graph_is_released_by_a_last_backward(monkeypatch):
+    """paddle.grad inside the implicit node's backward kept the Hessian graph alive (memory grew with every task,
+    Paddle 3.3.1): the solve must end with one paddle.autograd.backward over the inner gradient."""
+    calls = []
+    original = paddle.autograd.backward
+    monkeypatch.setattr(paddle.autograd, "backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    learner = IMAML(small_mlp(), inner_lr=0.1, lam=1.0, inner_steps=3, cg_steps=2, cg_tol=None)
+    query = query_after_adapt(learner, regression_task())
+    query.backward()
+    assert calls == [1]
