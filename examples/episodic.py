@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from paddlefsl.augment import RandomShift
 from paddlefsl.episodes import EpisodeSampler, make_task, mean_confidence_interval, shard_range
-from paddlefsl.metaopt import ANIL, MAML, BaseLearner, distributed
+from paddlefsl.metaopt import ANIL, IMAML, MAML, BaseLearner, distributed
 from paddlefsl.training import (JSONLLogger, capture_rng_state, load_checkpoint, plot_learning_curve, read_jsonl,
                                 save_checkpoint)
 
-ALGORITHMS = ("maml", "fomaml", "anil")
+ALGORITHMS = ("maml", "fomaml", "anil", "imaml")
 
 #: Options a resumed run may change: they decide what is evaluated and recorded, how long to go on and where the
 #: files are, never what the meta-training so far meant. Every other option must match the checkpoint's run.
@@ -81,6 +81,10 @@ def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
     p.add_argument("--cosine-meta-lr", type=int, default=0, metavar="N",
                    help="anneal the meta learning rate along a cosine from --meta-lr to 1%% of it over the first N "
                         "iterations, then hold it (0: constant)")
+    p.add_argument("--lam", type=float, default=2.0, help="iMAML's proximal strength lambda (imaml only)")
+    p.add_argument("--cg-steps", type=int, default=5,
+                   help="iMAML's conjugate-gradient iterations per meta-gradient (imaml only; the residual reached "
+                        "is logged as cg_residual)")
     return p
 
 
@@ -104,8 +108,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--data-root {args.data_root!r} is not a folder{fetch}")
     if any(i < 1 or i > args.iterations for i in args.eval_at):
         p.error(f"--eval-at iterations must lie in 1..{args.iterations}, got {args.eval_at}")
-    if args.learn_inner_lr and args.algorithm == "anil":
-        p.error("--learn-inner-lr applies to --algorithm maml or fomaml, not anil")
+    if args.learn_inner_lr and args.algorithm in ("anil", "imaml"):
+        p.error(f"--learn-inner-lr applies to --algorithm maml or fomaml, not {args.algorithm}")
+    if not (args.lam > 0 and args.cg_steps >= 1):
+        p.error(f"--lam must be positive and --cg-steps at least 1, got {args.lam} and {args.cg_steps}")
     if args.learn_inner_lr == "per_step_per_layer" and args.test_inner_steps > args.inner_steps:
         p.error(f"--learn-inner-lr per_step_per_layer learns --inner-steps={args.inner_steps} rates per layer, so "
                 f"--test-inner-steps must not exceed it, got {args.test_inner_steps}")
@@ -164,6 +170,9 @@ def make_learner(args: argparse.Namespace, model: nn.Layer) -> BaseLearner:
     ``head``; it has no meta-optimizer yet."""
     if args.algorithm == "anil":
         return ANIL(model.features, model.head, args.inner_lr)
+    if args.algorithm == "imaml":
+        return IMAML(model, args.inner_lr, lam=args.lam, inner_steps=args.inner_steps, cg_steps=args.cg_steps,
+                     cg_tol=None)
     return MAML(model, args.inner_lr, first_order=args.algorithm == "fomaml", learn_inner_lr=args.learn_inner_lr,
                 inner_steps=args.inner_steps if args.learn_inner_lr == "per_step_per_layer" else None)
 
@@ -171,6 +180,9 @@ def make_learner(args: argparse.Namespace, model: nn.Layer) -> BaseLearner:
 def adapt_and_predict(learner: BaseLearner, xs, ys, xq, steps: int, first_order: bool | None = None):
     """Clone, adapt ``steps`` times on the support set, return (task learner, query logits)."""
     task = learner.clone()
+    if isinstance(learner, IMAML):
+        task.adapt(lambda learner: F.cross_entropy(learner(xs), ys), steps=steps)
+        return task, task(xq)
     for _ in range(steps):
         task.adapt(F.cross_entropy(task(xs), ys), first_order=first_order)
     return task, task(xq)
@@ -332,7 +344,10 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
                 mean_loss, accuracy = loss_sum / args.meta_batch, correct / args.meta_batch
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{accuracy:.3f}")
                 if rank == 0 and (iteration % args.log_every == 0 or iteration == args.iterations):
-                    logger.log(step=iteration, loss=mean_loss, accuracy=accuracy)
+                    extra = {"cg_residual": max(r.residual for r in learner.cg_reports),
+                             "cg_stopped": sum(bool(r.stopped) for r in learner.cg_reports)} \
+                        if isinstance(learner, IMAML) and learner.cg_reports else {}
+                    logger.log(step=iteration, loss=mean_loss, accuracy=accuracy, **extra)
                 last = snapshot(iteration, seconds + time.time() - tic)
                 ctrl_c.check()
                 if iteration in args.eval_at and iteration != args.iterations:

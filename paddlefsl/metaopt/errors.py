@@ -20,3 +20,22 @@ class SecondOrderError(RuntimeError):
             "Use first_order=True for this model (track_higher_grads=False in innerloop_ctx), or register an exact rule for the op "
             "(paddlefsl.metaopt.autodiff.registry.exact)."
         )
+
+
+class ConvergenceError(RuntimeError):
+    """An iterative solver stopped before reaching its tolerance; its answer is not returned.
+
+    Attributes:
+        solver: what was being solved, e.g. ``"conjugate gradient (iMAML meta-gradient)"``.
+        iterations: the iterations it ran.
+        residual: the relative residual it reached (``|b - A x| / |b|``).
+        tolerance: the relative residual it needed.
+    """
+
+    def __init__(self, solver: str, iterations: int, residual: float, tolerance: float, advice: str = ""):
+        self.solver = solver
+        self.iterations = iterations
+        self.residual = residual
+        self.tolerance = tolerance
+        super().__init__(f"{solver} did not converge: relative residual {residual:.3g} after {iterations} "
+                         f"iterations, tolerance {tolerance:.3g}" + (f"; {advice}" if advice else ""))

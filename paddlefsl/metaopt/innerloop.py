@@ -18,6 +18,7 @@ from paddlefsl.metaopt.autodiff import released, scope
 from paddlefsl.metaopt.base import check_grad_enabled, check_scalar_loss
 from paddlefsl.metaopt.functional import ParameterSlots, functional_call
 from paddlefsl.metaopt.optim.base import OptimizerTwin, clip_gradients, param_groups, twin_for
+from paddlefsl.metaopt.recompute import check_step_count
 
 __all__ = ["innerloop_ctx", "FunctionalModel", "DifferentiableOptimizer"]
 
@@ -114,7 +115,18 @@ class DifferentiableOptimizer:
     """
 
     def __init__(self, optimizer: paddle.optimizer.Optimizer, fmodel: FunctionalModel,
-                 override: Mapping[str, Any] | None = None, track_higher_grads: bool = True) -> None:
+                 override: Mapping[str, Any] | None = None, track_higher_grads: bool = True,
+                 inner_steps: int | None = None, truncate: int | None = None) -> None:
+        if inner_steps is not None:
+            inner_steps = check_step_count(inner_steps, "inner_steps", inner_steps if isinstance(inner_steps, int)
+                                           else None)
+        if truncate is not None:
+            truncate = check_step_count(truncate, "truncate", inner_steps)
+            if not track_higher_grads:
+                raise ValueError(f"truncate={truncate} keeps second-order terms in the last steps; "
+                                 "track_higher_grads=False has none (drop one of the two)")
+        self.inner_steps = inner_steps
+        self.truncate = truncate
         self.twin: OptimizerTwin = twin_for(optimizer)
         self.optimizer = optimizer
         self.fmodel = fmodel
@@ -197,15 +209,18 @@ class DifferentiableOptimizer:
             SecondOrderError: if an op in the model has no exact higher-order gradient.
         """
         step = self.fmodel.time + 1
+        if self.inner_steps is not None and step > self.inner_steps:
+            raise RuntimeError(f"diffopt.step call {step} with inner_steps={self.inner_steps}; open a new "
+                               "innerloop_ctx for a new inner loop, or give a larger inner_steps")
         check_grad_enabled(f"diffopt.step (step {step})")
         check_scalar_loss(loss, f"diffopt.step (step {step})")
         params = self.fmodel.parameters()
-        if self.track_higher_grads:
+        second = self.track_higher_grads and (self.truncate is None or step > self.inner_steps - self.truncate)
+        if second:
             released.check_released([self.fmodel.graph_token], f"diffopt.step (step {step})")
         with released.owner(self.fmodel.graph_token):
-            grads = scope.grad(loss, params, create_graph=self.track_higher_grads, model=self.fmodel.module,
-                               step=step)
-        grads = [None if g is None else (g if self.track_higher_grads else g.detach()) for g in grads]
+            grads = scope.grad(loss, params, create_graph=second, model=self.fmodel.module, step=step)
+        grads = [None if g is None else (g if second else g.detach()) for g in grads]
         if all(g is None for g in grads):
             raise ValueError(f"diffopt.step (step {step}): loss reaches none of the fast weights {self.fmodel.names}")
         if grad_callback is not None:
@@ -228,7 +243,8 @@ class DifferentiableOptimizer:
 @contextlib.contextmanager
 def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_initial_weights: bool = True,
                   override: Mapping[str, Any] | None = None,
-                  track_higher_grads: bool = True) -> Iterator[tuple[FunctionalModel, DifferentiableOptimizer]]:
+                  track_higher_grads: bool = True, inner_steps: int | None = None,
+                  truncate: int | None = None) -> Iterator[tuple[FunctionalModel, DifferentiableOptimizer]]:
     """A differentiable inner loop: ``with innerloop_ctx(model, opt) as (fmodel, diffopt): ...``.
 
     ``fmodel(x)`` runs ``model`` with the current fast weights; ``diffopt.step(loss)`` makes one update of them that
@@ -272,6 +288,11 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
         track_higher_grads: ``False`` takes gradients without ``create_graph`` (first-order cost): the
             meta-gradient of the initial weights becomes the first-order one (FOMAML: the gradient at the final
             weights), and hyper-parameter gradients ignore their effect on later inner gradients.
+        inner_steps: the number of ``diffopt.step`` calls this loop makes (a positive integer); more raise.
+        truncate: with ``inner_steps``, only the last ``truncate`` steps take gradients with ``create_graph`` (second
+            order); earlier ones are first order (their gradients are constants, as with
+            ``track_higher_grads=False``), so only ``truncate`` steps' graphs are stored. An approximation of the
+            full meta-gradient; ``truncate=inner_steps`` is exact. A positive integer ``<= inner_steps``.
 
     Yields:
         ``(fmodel, diffopt)``: a `FunctionalModel` and a `DifferentiableOptimizer`.
@@ -280,7 +301,8 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
         TypeError: if ``model`` is not a Layer or ``optimizer`` not a Paddle optimizer.
         TypeError: if the optimizer type has no registered twin.
         ValueError: if a trainable parameter of ``model`` is not in ``optimizer``, or ``override`` names a
-            hyper-parameter the optimizer does not have or has the wrong number of values.
+            hyper-parameter the optimizer does not have or has the wrong number of values, or ``inner_steps`` /
+            ``truncate`` are not positive integers with ``truncate <= inner_steps``.
 
     Example:
         >>> opt = paddle.optimizer.Momentum(0.3, momentum=0.5, parameters=model.parameters())
@@ -306,7 +328,8 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
     else:
         initial = list(trainable)
     fmodel = FunctionalModel(model, initial)
-    diffopt = DifferentiableOptimizer(optimizer, fmodel, override=override, track_higher_grads=track_higher_grads)
+    diffopt = DifferentiableOptimizer(optimizer, fmodel, override=override, track_higher_grads=track_higher_grads,
+                                      inner_steps=inner_steps, truncate=truncate)
     lease = scope.Lease() if track_higher_grads else None
     handles = scope.track_layers(model) if track_higher_grads else []
     try:

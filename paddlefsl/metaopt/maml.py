@@ -8,13 +8,14 @@ Optional MAML++ features (Antoniou et al., 2019, "How to train your MAML"), all 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import paddle
 from paddle import nn
 
 from paddlefsl.metaopt.base import BaseLearner, batch_norms, check_inner_lr
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model
+from paddlefsl.metaopt.recompute import check_step_count, recomputed_step
 
 __all__ = ["LEARN_INNER_LR_MODES", "MAML", "PerStepBatchNorm"]
 
@@ -131,12 +132,30 @@ class MAML(BaseLearner):
         first_order_until: the number of meta-iterations to run first order before switching to second order.
         per_step_bn_stats: per-step batch-norm running statistics (BNRS).
         per_step_bn_weights: per-step batch-norm weight and bias (BNWB).
+        truncate: keep second-order terms in the last ``truncate`` inner steps only; earlier steps are first order
+            (their Jacobian ``dw_{i+1}/dw_i = I - lr * H_i`` is replaced by ``I``, as FOMAML does for all steps), so
+            only ``truncate`` steps' graphs are stored. An approximation: ``truncate=inner_steps`` is exact MAML.
+            A positive integer ``<= inner_steps`` (needs ``inner_steps``).
+        recompute: keep an inner-step boundary every ``recompute`` steps and replay the steps in between during the
+            meta-backward (`paddlefsl.metaopt.recompute`): the same meta-gradient as the stored loop, with
+            memory that does not grow with the number of steps, for about one more forward and backward of the
+            support loss per step. ``adapt`` then takes the support loss as a function of a learner. A positive
+            integer ``<= inner_steps`` (needs ``inner_steps``); ``1`` uses the least memory.
 
     Raises:
         TypeError, ValueError: as `BaseLearner`, and for bad option values (the message
             names the argument and what it expects).
 
     Example:
+        Memory that does not grow with the inner steps (exact), or truncated second order (approximate):
+
+        >>> learner = MAML(model, 0.01, inner_steps=20, recompute=1)      # doctest: +SKIP
+        >>> task = learner.clone()
+        >>> for _ in range(20):
+        ...     task.adapt(lambda l: F.cross_entropy(l(x_support), y_support))
+        >>> learner.step(F.cross_entropy(task(x_query), y_query))
+        >>> MAML(model, 0.01, inner_steps=20, truncate=2)                 # doctest: +SKIP
+
         >>> maml = MAML(model, inner_lr=0.4,
         ...             meta_optimizer=paddle.optimizer.Adam(1e-3, parameters=model.parameters()))
         >>> task = maml.clone()
@@ -164,9 +183,17 @@ class MAML(BaseLearner):
                  allow_unused: bool | None = None, allow_nograd: bool = False,
                  meta_optimizer: paddle.optimizer.Optimizer | None = None, batch_norm: str = "batch", *,
                  inner_steps: int | None = None, learn_inner_lr: str | None = None, first_order_until: int = 0,
-                 per_step_bn_stats: bool = False, per_step_bn_weights: bool = False) -> None:
+                 per_step_bn_stats: bool = False, per_step_bn_weights: bool = False, truncate: int | None = None,
+                 recompute: int | None = None) -> None:
         if inner_steps is not None:
             inner_steps = _count(inner_steps, "inner_steps", 1)
+        if truncate is not None:
+            truncate = check_step_count(truncate, "truncate", inner_steps)
+            if first_order:
+                raise ValueError(f"truncate={truncate} keeps second-order terms in the last steps; first_order=True "
+                                 "has none (drop one of the two)")
+        if recompute is not None:
+            recompute = check_step_count(recompute, "recompute", inner_steps)
         if learn_inner_lr not in LEARN_INNER_LR_MODES or isinstance(learn_inner_lr, bool):
             raise ValueError(f"learn_inner_lr must be one of {LEARN_INNER_LR_MODES}, got {learn_inner_lr!r}")
         first_order_until = _count(first_order_until, "first_order_until", 0)
@@ -189,6 +216,8 @@ class MAML(BaseLearner):
         self.first_order_until = first_order_until
         self.per_step_bn_stats = per_step_bn_stats
         self.per_step_bn_weights = per_step_bn_weights
+        self.truncate = truncate
+        self.recompute = recompute
         self._iteration = 0
         self._step_index = 0
         if per_step_bn_stats or per_step_bn_weights:
@@ -281,13 +310,16 @@ class MAML(BaseLearner):
         super().step(loss, num_tasks)
         self._iteration += 1
 
-    def adapt(self, loss: paddle.Tensor, first_order: bool | None = None) -> None:
+    def adapt(self, loss: paddle.Tensor | Callable[["MAML"], paddle.Tensor], first_order: bool | None = None) -> None:
         """One gradient step on every trainable parameter of the task model: ``w <- w - lr * dloss/dw``.
 
         ``lr`` is ``inner_lr``, or the learned rate of ``w`` (for this step, with ``"per_step_per_layer"``).
+        With ``truncate=k``, steps before the last ``k`` are first order. With ``recompute``, ``loss`` must be a
+        function of a learner (see `paddlefsl.metaopt.recompute`).
 
         Args:
-            loss: a scalar loss computed with this task learner.
+            loss: a scalar loss computed with this task learner, or a function that computes it from the learner
+                it is given: ``lambda learner: F.cross_entropy(learner(x), y)`` (needed by ``recompute``).
             first_order: override the task learner's order for this step.
 
         Raises:
@@ -295,11 +327,30 @@ class MAML(BaseLearner):
             ValueError: if ``loss`` is not a scalar connected to the task model, or misses parameters.
             FloatingPointError: if ``loss`` or a gradient is not finite (the message gives the step).
             SecondOrderError: if an op met on the way has no exact second-order gradient.
+            TypeError: if ``recompute`` is set and ``loss`` is a tensor (a tensor cannot be recomputed).
         """
         if self._meta is not None and self.inner_steps is not None and self._step_index >= self.inner_steps:
             raise RuntimeError(f"adapt call {self._step_index + 1} on a task learner built with "
                                f"inner_steps={self.inner_steps}; clone again from the learner for a new task, or "
                                "build the learner with a larger inner_steps")
+        if first_order is None and self.truncate is not None \
+                and self._step_index < self.inner_steps - self.truncate:
+            first_order = True
+        first = self.first_order if first_order is None else bool(first_order)
+        recompute = self.recompute
+        if isinstance(loss, paddle.Tensor):
+            if recompute is not None and self._meta is not None:
+                raise TypeError(f"adapt: the learner was built with recompute={recompute}, which replays the "
+                                "support loss during the meta-backward, so give it as a function of the learner: "
+                                "task.adapt(lambda learner: F.cross_entropy(learner(x), y)); a tensor cannot be "
+                                "recomputed")
+        elif callable(loss):
+            if recompute is not None and not first:
+                self._require_task("adapt")
+                recomputed_step(self, loss, False, recompute)
+                self._step_index += 1
+                return
+            loss = loss(self)
         self._gradient_step(self.model, loss, self._rates(), first_order)
         self._step_index += 1
 

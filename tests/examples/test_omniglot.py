@@ -43,8 +43,9 @@ def test_short_second_order_run_beats_chance_and_writes_everything(tmp_path):
 PUSH = ["--augment-shift", "2", "--learn-inner-lr", "per_layer", "--cosine-meta-lr", "4"]
 
 
-@pytest.mark.parametrize("options", [["--algorithm", "maml"], ["--algorithm", "anil"], ["--algorithm", "maml", *PUSH]],
-                         ids=["maml", "anil", "maml-push"])
+@pytest.mark.parametrize("options", [["--algorithm", "maml"], ["--algorithm", "anil"], ["--algorithm", "maml", *PUSH],
+                                     ["--algorithm", "imaml", "--inner-steps", "2", "--cg-steps", "2"]],
+                         ids=["maml", "anil", "maml-push", "imaml"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, options):
     common = [*options, "--meta-batch", "2", "--eval-tasks", "2", "--checkpoint-every", "2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -74,6 +75,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, options
     (["--cosine-meta-lr", "-5"], "--cosine-meta-lr must be at least 0"),
     (["--algorithm", "anil", "--learn-inner-lr", "per_layer"], "--learn-inner-lr applies to --algorithm maml"),
     (["--learn-inner-lr", "per_step_per_layer"], "--test-inner-steps must not exceed it, got 3"),
+    (["--algorithm", "imaml", "--lam", "0"], "--lam must be positive"),
+    (["--algorithm", "imaml", "--learn-inner-lr", "per_layer"], "not imaml"),
 ])
 def test_bad_arguments_get_a_clear_message(tmp_path, args, message):
     run = _omniglot(tmp_path / "new", *args)
