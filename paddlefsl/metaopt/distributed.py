@@ -1,6 +1,6 @@
 """Data-parallel meta-training on Paddle's collective engine (gloo on CPU, NCCL on GPU).
 
-Each process adapts its own shard of a meta-batch's tasks; :meth:`BaseLearner.step` with ``num_tasks`` then
+Each process adapts its own shard of a meta-batch's tasks; `BaseLearner.step` with ``num_tasks`` then
 all-reduces the meta-gradients, weighting each process's gradient by its number of tasks, so the meta-optimizer
 applies the gradient of the mean query loss over the whole meta-batch on every process (an uneven split is still
 exact). Nothing here runs, and nothing changes, in a single process.
@@ -13,9 +13,9 @@ arrive, and it cannot weight ranks by their number of tasks. One all-reduce of t
 ``loss.backward()`` and before the meta-optimizer, is simpler and exact.
 
 Example:
-    >>> rank, world = distributed.init_parallel()            # doctest: +SKIP
-    >>> mine = tasks[shard_range(len(tasks), rank, world)]   # doctest: +SKIP
-    >>> learner.step(paddle.stack(losses).mean() if losses else None, num_tasks=len(mine))  # doctest: +SKIP
+    >>> rank, world = distributed.init_parallel()
+    >>> mine = tasks[shard_range(len(tasks), rank, world)]
+    >>> learner.step(paddle.stack(losses).mean() if losses else None, num_tasks=len(mine))
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ _collectives = itertools.count()  # the same sequence on every process: collecti
 
 
 class CollectiveError(RuntimeError):
-    """A collective operation failed: another process did not arrive within :func:`collective_timeout` (it hangs or
+    """A collective operation failed: another process did not arrive within `collective_timeout` (it hangs or
     died), or the backend failed. The other process's own error is in its log."""
 
 
@@ -97,7 +97,7 @@ def collective_timeout() -> float:
 
 def _wait_for_all(what: str) -> None:
     """Wait, through Paddle's TCP store, until every process has reached this collective, at most
-    :func:`collective_timeout` seconds; then the collective itself runs without waiting on a slow process (gloo
+    `collective_timeout` seconds; then the collective itself runs without waiting on a slow process (gloo
     would give up after its fixed 30 s)."""
     from paddle.base import core
 
@@ -122,8 +122,8 @@ def _wait_for_all(what: str) -> None:
 
 
 def _collective(what: str, call: Callable[[], T]) -> T:
-    """Wait for every process (:func:`_wait_for_all`), run one collective, and turn a backend failure into a
-    :class:`CollectiveError` that says what to look at."""
+    """Wait for every process (`_wait_for_all`), run one collective, and turn a backend failure into a
+    `CollectiveError` that says what to look at."""
     _wait_for_all(what)
     try:
         return call()

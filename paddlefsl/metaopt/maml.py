@@ -149,12 +149,12 @@ class MAML(BaseLearner):
     Example:
         Memory that does not grow with the inner steps (exact), or truncated second order (approximate):
 
-        >>> learner = MAML(model, 0.01, inner_steps=20, recompute=1)      # doctest: +SKIP
+        >>> learner = MAML(model, 0.01, inner_steps=20, recompute=1)
         >>> task = learner.clone()
         >>> for _ in range(20):
         ...     task.adapt(lambda l: F.cross_entropy(l(x_support), y_support))
         >>> learner.step(F.cross_entropy(task(x_query), y_query))
-        >>> MAML(model, 0.01, inner_steps=20, truncate=2)                 # doctest: +SKIP
+        >>> MAML(model, 0.01, inner_steps=20, truncate=2)
 
         >>> maml = MAML(model, inner_lr=0.4,
         ...             meta_optimizer=paddle.optimizer.Adam(1e-3, parameters=model.parameters()))
