@@ -1,7 +1,9 @@
 """Finite-difference checks of higher-order gradients through single ops (float64)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import collections
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import paddle
@@ -83,3 +85,23 @@ def check_second_order(f: Callable, arrays: Sequence[np.ndarray], wrt: Sequence[
     for i, g, w in zip(wrt, got, want):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol * max(1.0, scale),
                                    err_msg=f"second-order gradient of input {i} differs from finite differences")
+
+
+@contextlib.contextmanager
+def kernel_calls() -> Iterator[collections.Counter]:
+    """Count the stock kernels the exact rules call (through ``registry.original``) inside the block, by name."""
+    from paddlefsl.metaopt.autodiff import registry
+    counts: collections.Counter = collections.Counter()
+    saved = dict(registry._ORIGINALS)
+
+    def counted(name, kernel):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return kernel(*args, **kwargs)
+        return call
+
+    registry._ORIGINALS.update({name: counted(name, kernel) for name, kernel in saved.items()})
+    try:
+        yield counts
+    finally:
+        registry._ORIGINALS.update(saved)
