@@ -5,6 +5,7 @@ from paddlefsl.metaopt.base import BaseLearner
 from paddlefsl.metaopt.errors import SecondOrderError
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model, functional_call
 from paddlefsl.metaopt.gradcheck import GradCheckReport, check_meta_gradients
+from paddlefsl.metaopt.kernels import fast_kernels_enabled, set_fast_kernels
 from paddlefsl.metaopt.innerloop import DifferentiableOptimizer, FunctionalModel, innerloop_ctx
 from paddlefsl.metaopt.maml import MAML
 from paddlefsl.metaopt.meta_sgd import MetaSGD
@@ -13,4 +14,5 @@ from paddlefsl.metaopt.schedules import multi_step_loss_weights
 
 __all__ = ["ANIL", "BaseLearner", "DifferentiableOptimizer", "FunctionalModel", "GradCheckReport", "MAML", "MetaSGD",
            "OptimizerTwin", "ParameterSlots", "SecondOrderError", "check_meta_gradients", "clone_model", "exact_ops",
-           "functional_call", "innerloop_ctx", "multi_step_loss_weights", "register_twin", "twin_for"]
+           "fast_kernels_enabled", "functional_call", "innerloop_ctx", "multi_step_loss_weights", "register_twin",
+           "set_fast_kernels", "twin_for"]
