@@ -1,7 +1,9 @@
 """Finite-difference checks of higher-order gradients through single ops (float64)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import collections
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import paddle
@@ -106,3 +108,23 @@ def check_third_order(f: Callable, arrays: list[np.ndarray], i: int = 0, eps: fl
         want[idx] = (vals[0] - vals[1]) / (2 * eps)
     assert np.abs(want).max() > 1e-4
     np.testing.assert_allclose(t.numpy(), want, rtol=1e-5, atol=1e-7 * max(1.0, np.abs(want).max()))
+
+
+@contextlib.contextmanager
+def kernel_calls() -> Iterator[collections.Counter]:
+    """Count the stock kernels the exact rules call (through ``registry.original``) inside the block, by name."""
+    from paddlefsl.metaopt.autodiff import registry
+    counts: collections.Counter = collections.Counter()
+    saved = dict(registry._ORIGINALS)
+
+    def counted(name, kernel):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return kernel(*args, **kwargs)
+        return call
+
+    registry._ORIGINALS.update({name: counted(name, kernel) for name, kernel in saved.items()})
+    try:
+        yield counts
+    finally:
+        registry._ORIGINALS.update(saved)

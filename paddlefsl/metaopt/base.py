@@ -10,6 +10,7 @@ import re
 import warnings
 from typing import Any, Sequence
 
+import numpy as np
 import paddle
 from paddle import nn
 
@@ -43,14 +44,23 @@ def check_grad_enabled(where: str) -> None:
 
 def check_scalar_loss(loss: object, where: str) -> None:
     """Raise a clear error (prefixed by ``where``) unless ``loss`` is a finite scalar tensor with a graph."""
+    _check_loss_shape(loss, where)
+    value = float(loss.item())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{where}: loss is {value}")
+    _check_loss_connected(loss, where)
+
+
+def _check_loss_shape(loss: object, where: str) -> None:
+    """The host-side half of `check_scalar_loss` (no device-to-host copy): a one-element tensor."""
     if not isinstance(loss, paddle.Tensor):
         raise TypeError(f"{where}: loss must be a paddle.Tensor, got {type(loss).__name__}")
     if loss.size != 1:
         raise ValueError(f"{where}: loss must be a scalar (one element), got shape {list(loss.shape)}; "
                          "reduce it first, e.g. loss.mean()")
-    value = float(loss.item())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{where}: loss is {value}")
+
+
+def _check_loss_connected(loss: paddle.Tensor, where: str) -> None:
     if loss.stop_gradient:
         raise ValueError(f"{where}: loss is not connected to any parameter (stop_gradient=True); was it computed "
                          "inside paddle.no_grad() or from detached outputs?")
@@ -354,7 +364,9 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         """Gradients of ``loss`` w.r.t. ``params`` with every check the inner loop needs."""
         where = f"adapt step {self._adapt_steps + 1}"
         check_grad_enabled(where)
-        check_scalar_loss(loss, where)
+        _check_loss_shape(loss, where)
+        if loss.stop_gradient:  # a detached loss: report it as check_scalar_loss would, non-finite first
+            check_scalar_loss(loss, where)
         if not first_order:
             released.check_released(self._graph_tokens, where)
         with released.owner(self._graph_tokens[-1]):
@@ -365,11 +377,18 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         if unused and not allow_unused:
             raise ValueError(f"{where}: loss does not use the parameters {unused}; pass allow_unused=True to give "
                              "them a zero update")
+        # One device-to-host copy for every check: the loss and each gradient's sum, read back together
+        # (a non-finite sum flags a non-finite gradient; the names are computed only on that failure path).
         with paddle.no_grad():
-            total = sum(float(g.sum().item()) for g in grads if g is not None)
-        if not math.isfinite(total):
-            bad = [name for name, g in zip(names, grads)
-                   if g is not None and not bool(paddle.isfinite(g).all().item())]
+            sums = [loss.reshape([1]).astype("float64")]
+            sums += [g.sum().reshape([1]).astype("float64") for g in grads if g is not None]
+            values = paddle.concat(sums).numpy()
+        if not math.isfinite(float(values[0])):
+            raise FloatingPointError(f"{where}: loss is {float(values[0])}")
+        if not np.isfinite(values[1:]).all():
+            with paddle.no_grad():
+                bad = [name for name, g in zip(names, grads)
+                       if g is not None and not bool(paddle.isfinite(g).all().item())]
             if bad:
                 raise FloatingPointError(f"{where}: the gradient of {bad} is not finite")
         return list(grads)

@@ -347,3 +347,44 @@ def test_train_mode_or_trained_statistics_do_not_warn():
         task.adapt(F.cross_entropy(task(x), y))       # train mode: batch statistics, and the shared ones move
         learner.eval()
         learner.clone()(x)                             # eval mode with trained statistics
+
+def _conv_net():
+    paddle.seed(3)
+    return nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), nn.BatchNorm2D(4), nn.ReLU(), nn.MaxPool2D(2),
+                         nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+
+
+_SYNC_METHODS = ("item", "numpy", "tolist", "__float__", "__int__", "__bool__", "__index__", "__array__")
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+@pytest.mark.parametrize("learner", ["MAML", "MetaSGD", "ANIL"])
+def test_adapt_copies_from_the_device_once(learner, model, first_order, monkeypatch):
+    """One device-to-host synchronisation per adapt call, however many parameters (so a GPU is not stalled)."""
+    from paddlefsl.metaopt import ANIL, MetaSGD
+    if model == "mlp":
+        net, x, y = mlp(), paddle.randn([5, 1], dtype="float64"), paddle.randn([5, 1], dtype="float64")
+    else:
+        net, x, y = _conv_net(), paddle.randn([3, 1, 6, 6]), paddle.randn([3, 2])
+    if learner == "ANIL":
+        task = ANIL(net[:-1], net[-1], 0.1, first_order=first_order).clone()
+    else:
+        task = {"MAML": MAML, "MetaSGD": MetaSGD}[learner](net, 0.1, first_order=first_order).clone()
+    task.adapt(F.mse_loss(task(x), y))  # warm-up: one-time self-checks may read values
+    loss = F.mse_loss(task(x), y)
+    calls = []
+    for name in _SYNC_METHODS:
+        original = getattr(paddle.Tensor, name, None)
+        if original is None:
+            continue
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(paddle.Tensor, name, counted)
+    task.adapt(loss)
+    monkeypatch.undo()
+    assert len(calls) == 1, calls
+    assert len(list(task.parameters())) >= 4

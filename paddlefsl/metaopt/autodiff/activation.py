@@ -169,10 +169,38 @@ def selu(x, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848
     return pointwise("selu", x, (scale, alpha), deriv)
 
 
+class _ReluMask(PyLayer):
+    """``g -> g * (x > 0)`` for a fixed ``x``: one stock ``relu_grad`` kernel; the map is its own adjoint."""
+
+    @staticmethod
+    def forward(ctx, g, x):
+        ctx.x = x
+        return original("relu_grad")(x, g)  # relu_grad(out, dout) reads only out > 0, and out > 0 iff x > 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReluMask.apply(grad, ctx.x)
+
+
+class _Relu(PyLayer):
+    """``relu(x)`` whose gradient is :class:`_ReluMask` (the mask is locally constant, so exact at every order)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.x = x.detach()
+        return original("relu")(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReluMask.apply(grad, ctx.x)
+
+
 @exact("relu", "activation", "stock is exact at second order but raises at third (relu_double_grad)")
 def relu(x, out=None, **kwargs):
     """Exact ``paddle._C_ops.relu`` (same signature), differentiable at every order."""
-    return pointwise("relu", x, (), lambda t: _band(t, 0.0, float("inf")))
+    if x.stop_gradient or not paddle.is_grad_enabled():
+        return original("relu")(x)
+    return _Relu.apply(x)
 
 
 @exact("relu6", "activation", "piecewise linear")

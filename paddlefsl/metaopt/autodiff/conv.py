@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import paddle
 import paddle.nn.functional as F
 
+from paddlefsl.metaopt import kernels
 from paddlefsl.metaopt.autodiff.registry import exact, original
 from paddlefsl.metaopt.autodiff.common import apply_rule, channel_last, ints, to_channel_first, to_channel_last
 
@@ -124,7 +125,7 @@ def conv_weight_grad(x: paddle.Tensor, gy: paddle.Tensor, kernel: Sequence[int],
     stride, pads, dilation = list(geo.stride), list(geo.pads), list(geo.dilation)
     fmt = _cf_format(geo.nd)
 
-    def run():
+    def stock():
         zero = paddle.zeros(w_shape, dtype=x.dtype)
         if geo.nd == 2:
             grads = original("conv2d_grad")(x, zero, gy, stride, pads, "EXPLICIT", dilation, geo.groups, fmt)
@@ -132,8 +133,21 @@ def conv_weight_grad(x: paddle.Tensor, gy: paddle.Tensor, kernel: Sequence[int],
             grads = original("conv3d_grad")(x, zero, gy, stride, pads, "EXPLICIT", geo.groups, dilation, fmt)
         return grads[1]
 
+    def run():
+        if geo.nd == 2 and kernels.conv2d_supported(x, gy, dilation, geo.groups, False, _macs(gy.shape, w_shape)):
+            return kernels.conv2d_backward_weights(x, gy, w_shape, stride, pads, stock)
+        return stock()
+
     sizes = list(x.shape[2:])
     return apply_rule([x, gy], run, [lambda g: conv_transpose_cf(gy, g, geo, sizes), lambda g: conv_cf(x, g, geo)])
+
+
+def _macs(y_shape: Sequence[int], w_shape: Sequence[int]) -> int:
+    """Multiply-adds of a convolution with output ``y_shape`` and weight ``w_shape`` (channel-first)."""
+    total = 1
+    for d in list(y_shape) + list(w_shape[1:]):
+        total *= int(d)
+    return total
 
 
 def bilinear(x: paddle.Tensor, w: paddle.Tensor, run: Callable, grad_x: Callable, grad_w: Callable) -> paddle.Tensor:
@@ -197,6 +211,8 @@ def _apply_conv(name: str, x, w, strides, paddings, padding_algorithm, dilations
     if name in ("conv2d",):
         run = lambda a, b: kernel(a, b, strides, paddings, padding_algorithm, dilations, groups, data_format,
                                   *extra, **kwargs)
+        if not extra and not kwargs:
+            run = _fast_conv2d(run, geo, last)
     else:
         run = lambda a, b: kernel(a, b, strides, paddings, padding_algorithm, groups, dilations, data_format,
                                   *extra, **kwargs)
@@ -209,7 +225,43 @@ def _apply_conv_transpose(name: str, x, w, strides, paddings, output_padding, ou
     kernel = original(name)
     run = lambda a, b: kernel(a, b, strides, paddings, output_padding, output_size, padding_algorithm, groups,
                               dilations, data_format, *extra, **kwargs)
+    if name == "conv2d_transpose" and not extra and not kwargs:
+        run = _fast_conv2d_transpose(run, geo, last, output_padding, output_size)
     return _apply_bilinear(x, w, run, geo, last, transposed=True)
+
+
+def _fast_conv2d(stock: Callable, geo: ConvGeometry, last: bool) -> Callable:
+    """``run(x, w)`` of a 2-D convolution: oneDNN's kernel where :mod:`paddlefsl.metaopt.kernels` supports the
+    call, ``stock`` otherwise (same value; the rule's gradients do not depend on which computed it)."""
+    def run(x, w):
+        sizes = [(x.shape[2 + i] + geo.pads[2 * i] + geo.pads[2 * i + 1] - w.shape[2 + i]) // geo.stride[i] + 1
+                 for i in range(2)]
+        if not kernels.conv2d_supported(x, w, geo.dilation, geo.groups, last,
+                                        _macs([x.shape[0], w.shape[0]] + sizes, w.shape)):
+            return stock(x, w)
+        return kernels.conv2d(x, w, list(geo.stride), list(geo.pads), lambda: stock(x, w))
+
+    return run
+
+
+def _fast_conv2d_transpose(stock: Callable, geo: ConvGeometry, last: bool, output_padding, output_size) -> Callable:
+    """``run(x, w)`` of a 2-D transposed convolution (oneDNN's backward-data kernel where supported)."""
+    def run(x, w):
+        if output_size is not None and len(output_size) > 0:
+            sizes = ints(output_size, 2)
+        else:
+            extra = ints(output_padding, 2) if output_padding is not None and len(output_padding) > 0 else [0, 0]
+            sizes = [(x.shape[2 + i] - 1) * geo.stride[i] - geo.pads[2 * i] - geo.pads[2 * i + 1] + w.shape[2 + i]
+                     + extra[i] for i in range(2)]
+        consistent = all((sizes[i] + geo.pads[2 * i] + geo.pads[2 * i + 1] - w.shape[2 + i]) // geo.stride[i] + 1
+                         == x.shape[2 + i] for i in range(2))
+        if not consistent or not kernels.conv2d_supported(x, w, geo.dilation, geo.groups, last,
+                                                          _macs(x.shape, [w.shape[0], w.shape[1]] + list(w.shape[2:]))):
+            return stock(x, w)
+        x_shape = [x.shape[0], w.shape[1]] + sizes
+        return kernels.conv2d_backward_data(x, w, x_shape, list(geo.stride), list(geo.pads), lambda: stock(x, w))
+
+    return run
 
 
 @exact("conv2d", FAMILY, "grad: conv2d_transpose (input), fused weight-gradient kernel")

@@ -125,14 +125,66 @@ def batch_norm(x, mean, variance, scale, bias, is_test, momentum, epsilon, data_
         def input_grad(h, x_hat, inv_std):
             return h * inv_std
     else:
-        def normalized():
-            return _standardize(x, axes, epsilon)
-
-        def input_grad(h, x_hat, inv_std):
-            return _standardize_grad(h, x_hat, inv_std, axes)
+        out = _batch_statistics_rule(x, scale, bias, run, rest, axes, bshape, epsilon,
+                                     (momentum, epsilon, data_format, is_test, use_global_stats,
+                                      trainable_statistics))
+        return (out, *rest)
 
     out = _affine_rule(x, scale, bias, run, normalized, input_grad, bshape, axes)
     return (out, *rest)
+
+
+def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None, run: Callable[[], Any],
+                           rest: list, axes: list[int], bshape: Sequence[int], eps: float, attrs: tuple) -> Any:
+    """Batch norm with batch statistics: the statistics and the parameters share their reduced axes, so
+    ``dx = a * g - a * sum(g) / m - x_hat * a * sum(g * x_hat) / m`` with ``a = w * s`` per channel (seven
+    full-size kernels, eight before the regrouping).
+
+    A backward pass that records no graph (its values are not differentiated again) takes ``dx`` and ``dw``
+    from Paddle's fused ``batch_norm_grad`` kernel: one kernel, about five times faster than the composite.
+    """
+    lean = lean_shape(bshape)
+    count = 1
+    for a in axes:
+        count *= int(x.shape[a])
+    cache: dict = {}
+    # Stock batch_norm_grad is right for training-mode batch statistics only (with is_test=True it treats the
+    # batch statistics as constants: wrong).
+    fused_ok = weight is not None and bias is not None and not bool(attrs[3])
+
+    def stats():
+        key = ("stats", paddle.is_grad_enabled())
+        if key not in cache:
+            cache[key] = _standardize(x, axes, eps)
+        return cache[key]
+
+    def fused(g):
+        mean_out, var_out, saved_mean, saved_var, reserve = rest
+        return original("batch_norm_grad")(x, weight, bias, mean_out, var_out, saved_mean, saved_var, reserve, g,
+                                           *attrs)
+
+    def unrecorded() -> bool:
+        return not paddle.is_grad_enabled() and fused_ok and len(rest) == 5
+
+    def grad_x(g):
+        if unrecorded():
+            return fused(g)[0]
+        x_hat, inv_std = stats()
+        sum_g = g.sum(axis=axes, keepdim=True).reshape(lean)
+        sum_gx = (g * x_hat).sum(axis=axes, keepdim=True).reshape(lean)
+        a = inv_std * weight.reshape(lean) if weight is not None else inv_std
+        return a * g - (a * sum_g) * (1.0 / count) - x_hat * ((a * sum_gx) * (1.0 / count))
+
+    def grad_w(g):
+        if unrecorded():
+            return fused(g)[1]
+        x_hat, _ = stats()
+        return (g * x_hat).sum(axis=axes).reshape(weight.shape)
+
+    def grad_b(g):
+        return g.sum(axis=axes).reshape(bias.shape)
+
+    return apply_rule([x, weight, bias], run, [grad_x, grad_w, grad_b])
 
 
 # ----------------------------------------------------------------------------------------------- layer norm

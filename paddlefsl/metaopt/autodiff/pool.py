@@ -122,6 +122,83 @@ def scatter_add(values: paddle.Tensor, index: paddle.Tensor, size: int) -> paddl
     return _Scatter.apply(values, index, size)
 
 
+class _MaxWindows:
+    """The argmax of one max pooling whose every window holds an input element, in the two forms the kernels use.
+
+    ``mask`` is the ``max_pool*_with_index`` mask (flat spatial argmax, shaped like the output); the adjoint (scatter
+    the output gradient to the argmax) is Paddle's ``max_pool*_with_index_grad`` kernel on that mask, one kernel
+    instead of a zero tensor and a ``put_along_axis``.
+    """
+
+    def __init__(self, x: paddle.Tensor, mask: paddle.Tensor, attrs: tuple) -> None:
+        self.x = x  # read for its shape only
+        self.mask = mask
+        self.attrs = attrs
+        self._index: paddle.Tensor | None = None
+
+    def scatter(self, g: paddle.Tensor) -> paddle.Tensor:
+        name = "max_pool2d_with_index_grad" if self.x.ndim == 4 else "max_pool3d_with_index_grad"
+        return original(name)(self.x, self.mask, g, *self.attrs)
+
+    def gather(self, g: paddle.Tensor) -> paddle.Tensor:
+        n, c = self.x.shape[:2]
+        if self._index is None:
+            self._index = self.mask.astype("int64").reshape([n, c, -1])
+        return original("take_along_axis")(g.reshape([n, c, -1]), self._index, 2).reshape(self.mask.shape)
+
+
+class _WindowScatter(GuardedPyLayer):
+    @staticmethod
+    def forward(ctx, g, windows: _MaxWindows):
+        ctx.windows = windows
+        return windows.scatter(g)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _WindowGather.apply(grad, ctx.windows)
+
+
+class _WindowGather(GuardedPyLayer):
+    @staticmethod
+    def forward(ctx, g, windows: _MaxWindows):
+        ctx.windows = windows
+        return windows.gather(g)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _WindowScatter.apply(grad, ctx.windows)
+
+
+class _FastMaxPool(GuardedPyLayer):
+    """Max pooling by one ``max_pool*_with_index`` kernel; backward scatters through :class:`_WindowScatter`."""
+
+    @staticmethod
+    def forward(ctx, x, attrs: tuple, holder: dict):
+        name = "max_pool2d_with_index" if x.ndim == 4 else "max_pool3d_with_index"
+        y, mask = original(name)(x, *attrs)
+        holder["mask"] = mask
+        ctx.windows = _MaxWindows(x.detach(), mask, attrs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _WindowScatter.apply(grad, ctx.windows)
+
+
+def _windows_all_hold_input(spatial: Sequence[int], out: Sequence[int], kernel: Sequence[int],
+                            stride: Sequence[int], pads: Sequence[int]) -> bool:
+    """Whether every pooling window (symmetric ``pads``, one per axis) overlaps the input (known without data)."""
+    for size, o, k, s, p in zip(spatial, out, kernel, stride, pads):
+        if k - p <= 0 or (o - 1) * s - p >= size:
+            return False
+    return True
+
+
+def _out_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    span = size + 2 * p - k
+    return (span + s - 1) // s + 1 if ceil_mode else span // s + 1
+
+
 class _MaxPool(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, compute: Callable):
@@ -217,6 +294,16 @@ def _pool(name: str, x, kernel_size, strides, paddings, ceil_mode, exclusive, da
     else:
         pads, _ = resolve_padding(paddings, padding_algorithm, spatial, kernel, stride, [1] * nd)
     cf = "NCHW" if nd == 2 else "NCDHW"
+    symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(nd))
+    if symmetric and (adaptive or global_pooling or _windows_all_hold_input(
+            spatial, [_out_size(spatial[i], kernel[i], stride[i], pads[2 * i], ceil_mode) for i in range(nd)],
+            kernel, stride, pads[0::2])):
+        if adaptive and not global_pooling:
+            attrs = (list(kernel), [1] * nd, [0] * nd, False, True, False)
+        else:
+            attrs = (list(kernel), list(stride), list(pads[0::2]), False, False, bool(ceil_mode))
+        y = _FastMaxPool.apply(xc, attrs, {})
+        return to_channel_last(y) if last else y
     kernel_fn = original(name)
 
     def value(t):
@@ -261,6 +348,14 @@ def _with_index(name: str, x, kernel_size, strides, paddings, global_pooling, ad
     if not paddle.is_grad_enabled() or x.stop_gradient:
         return run(x)
     holder: dict = {}
+    nd = x.ndim - 2
+    kernel, stride, pads = ints(kernel_size, nd), ints(strides, nd), ints(paddings, nd)
+    spatial = list(x.shape[2:])
+    if not global_pooling and not extra and not kwargs and len(pads) == nd and (adaptive or _windows_all_hold_input(
+            spatial, [_out_size(spatial[i], kernel[i], stride[i], pads[i], ceil_mode) for i in range(nd)],
+            kernel, stride, pads)):
+        y = _FastMaxPool.apply(x, (kernel, stride, pads, False, bool(adaptive), bool(ceil_mode)), holder)
+        return y, holder["mask"]
 
     def compute(t):
         out, mask = run(t)

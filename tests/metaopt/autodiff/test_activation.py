@@ -150,3 +150,19 @@ def test_exact_rules_are_exact_at_third_order(case: str) -> None:
 
     _, f, arrays = CASES[case]
     check_third_order(f, arrays)
+
+
+def test_relu_backward_is_one_kernel_at_every_order() -> None:
+    """relu's gradient (and the gradient of that) is one stock relu_grad kernel, not a mask built from
+    comparisons, a logical and and a cast, then multiplied."""
+    from tests.opcheck import kernel_calls
+    x = paddle.to_tensor(_r(3, 4), stop_gradient=False)
+    with exact_ops():
+        y = F.relu(x)
+        with kernel_calls() as calls:
+            (g,) = paddle.grad((y ** 3).sum(), [x], create_graph=True)
+            (gg,) = paddle.grad((g * g).sum(), [x])
+    assert calls == {"relu_grad": 3}, calls  # first backward, and its own backward taken twice (g * g)
+    mask = (x.numpy() > 0).astype(np.float64)
+    np.testing.assert_allclose(g.numpy(), 3 * np.maximum(x.numpy(), 0) ** 2 * mask, rtol=1e-12)
+    np.testing.assert_allclose(gg.numpy(), 36 * np.maximum(x.numpy(), 0) ** 3 * mask, rtol=1e-12)

@@ -218,3 +218,52 @@ def test_conv2d_third_order(fmt):
 def test_conv2d_transpose_third_order():
     x, w = _arrays((1, 2, 2, 2), (2, 1, 2, 2))
     _third_order_check(lambda x, w: (F.conv2d_transpose(x, w, stride=2, groups=2) ** 4).sum(), [x, w])
+
+
+def _third_order_quantities(f, arrays, dtype):
+    """Gradient, Hessian-vector product and third-order derivative ``d/dx <H v, u>`` of ``f`` by autograd."""
+    rng = np.random.default_rng(7)
+    vs = [rng.standard_normal(a.shape) for a in arrays]
+    us = [rng.standard_normal(a.shape) for a in arrays]
+    ts = [paddle.to_tensor(a, dtype=dtype, stop_gradient=False) for a in arrays]
+    gs = paddle.grad(f(*ts), ts, create_graph=True)
+    hs = paddle.grad(sum((g * paddle.to_tensor(v, dtype=dtype)).sum() for g, v in zip(gs, vs)), ts,
+                     create_graph=True)
+    ts3 = paddle.grad(sum((h * paddle.to_tensor(u, dtype=dtype)).sum() for h, u in zip(hs, us)), ts)
+    return [t.numpy().astype(np.float64) for t in list(gs) + list(hs) + list(ts3)]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_float32_fast_kernels_give_the_float64_derivatives(fast, monkeypatch):
+    """Float32 convolutions large enough for the fast kernels (oneDNN): gradient, HVP and third order agree with
+    the float64 rules (exact: checked against finite differences above), with the fast path on and off; the
+    fast path really runs when on (forward, backward data and backward weights) and not when off."""
+    from paddlefsl.metaopt import kernels, set_fast_kernels
+    from paddlefsl.metaopt.kernels import onednn
+    if fast and not onednn.available():
+        pytest.skip("oneDNN not loadable")
+    calls = []
+    for name in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights"):
+        original = getattr(onednn, name)
+        monkeypatch.setattr(onednn, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    rng = np.random.default_rng(5)
+    x = paddle.to_tensor(rng.standard_normal((4, 8, 16, 16)) * 0.5)
+    arrays = [rng.standard_normal((16, 8, 3, 3)) * 0.2, rng.standard_normal((16, 16, 3, 3)) * 0.1]
+
+    def f(w1, w2):
+        h = paddle.tanh(F.conv2d(x.astype(w1.dtype), w1, padding=1))
+        return (paddle.tanh(F.conv2d(h, w2, padding=1)) ** 2).sum()
+
+    previous = set_fast_kernels(fast)
+    try:
+        with exact_ops():
+            want = _third_order_quantities(f, arrays, "float64")
+            assert calls == []  # float64 never goes to oneDNN
+            got = _third_order_quantities(f, arrays, "float32")
+    finally:
+        set_fast_kernels(previous)
+    assert set(calls) == ({"conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights"} if fast else set())
+    assert kernels.MIN_MACS <= 4 * 16 * 16 * 16 * 8 * 9
+    for g, w in zip(got, want):
+        scale = float(np.abs(w).max())
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-4 * scale)

@@ -302,3 +302,24 @@ def test_grad_with_respect_to_a_subset_of_inputs(case: str) -> None:
             (hi,) = paddle.grad((gi * gi).sum(), [ts[i]])
             np.testing.assert_allclose(gi.numpy(), full[i].numpy(), rtol=1e-12, atol=1e-12)
             assert np.abs(hi.numpy()).max() > 0
+
+
+@pytest.mark.parametrize("fmt,shape", [("NCHW", (3, 2, 4, 4)), ("NHWC", (2, 3, 3, 2)), ("NC", (5, 2))])
+def test_batch_norm_gradient_is_the_fused_kernel_when_not_recorded(fmt, shape):
+    """Training-mode batch norm: a backward pass that records no graph takes dx and dw from the stock
+    batch_norm_grad kernel; a recorded one builds them in differentiable ops. Both give the same values."""
+    from tests.opcheck import kernel_calls
+    c = shape[1] if fmt != "NHWC" else shape[-1]
+    x, w, b, g = _r(*shape), _pos(c), _r(c), _r(*shape)
+    results = {}
+    for recorded in (False, True):
+        with exact_ops():
+            xt, wt, bt = _tensors([x, w, b])
+            y = F.batch_norm(xt, paddle.zeros([c], "float64"), paddle.ones([c], "float64"), wt, bt, training=True,
+                             data_format=fmt)
+            with kernel_calls() as calls:
+                results[recorded] = paddle.grad((y * paddle.to_tensor(g)).sum(), [xt, wt, bt],
+                                                create_graph=recorded)
+        assert calls.get("batch_norm_grad", 0) == (0 if recorded else 2), calls  # dx and dw
+    for fused, composite in zip(results[False], results[True]):
+        np.testing.assert_allclose(fused.numpy(), composite.numpy(), rtol=1e-9, atol=1e-11)

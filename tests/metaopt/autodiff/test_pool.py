@@ -161,3 +161,28 @@ def test_with_index_window_of_padding_only():
     want = hvp_numeric(plain, [x], [0], v)
     assert np.abs(want[0]).max() > 1e-6
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("op", [
+    lambda x: F.max_pool2d(x, 2),
+    lambda x: F.max_pool2d(x, 3, 1, padding=1),
+    lambda x: F.max_pool2d(x, 3, 2, padding=1, ceil_mode=True),
+    lambda x: F.max_pool2d(x, 3, 1, padding=1, return_mask=True)[0],
+    lambda x: F.adaptive_max_pool2d(x, [2, 3]),
+    lambda x: F.max_pool3d(x.reshape([1, 2, 5, 5, 1]), [2, 2, 1]),
+])
+def test_max_pool_is_one_kernel_each_way(op):
+    """Max pooling whose windows all overlap the input: forward is one max_pool*_with_index kernel (no pool2d
+    beside it, no device-to-host read of the mask), the gradient one max_pool*_with_index_grad kernel (not a
+    zero tensor and a put_along_axis), and the gradient's gradient one take_along_axis."""
+    from tests.opcheck import kernel_calls
+    (x,) = _arrays((1, 2, 5, 5))
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    with exact_ops(), kernel_calls() as calls:
+        y = op(xt)
+        (g,) = paddle.grad((y ** 3).sum(), [xt], create_graph=True)
+        paddle.grad((g * g).sum(), [xt])
+    pools = {k: v for k, v in calls.items() if "pool" in k or k.endswith("along_axis")}
+    nd = "3d" if "3d" in next(iter(pools)) else "2d"
+    assert pools == {f"max_pool{nd}_with_index": 1, f"max_pool{nd}_with_index_grad": 2, "take_along_axis": 1}, calls
+    assert "put_along_axis" not in calls and "all" not in calls

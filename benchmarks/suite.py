@@ -1,0 +1,230 @@
+"""Speed suite: paddlefsl's MAML (second and first order) and ANIL on W1, W2 and W2 with 10 inner steps.
+
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/suite.py --iterations 3 --json speed.json --png speed.png
+    ... --peers            # also the PyTorch peers (learn2learn) and plain Paddle, in the same run
+
+Every configuration runs in its own process, one after the other, so each gets a fresh allocator and its own peak
+RSS. The table gives the median seconds per meta-iteration (after one warm-up), tasks per second and the peak RSS;
+with ``--peers`` also learn2learn's time divided by ours (above 1: we are faster) and plain Paddle's first order
+(``paddle_raw.py``). The workload shapes come from ``workload.py`` in ``--bench-dir`` (the same file the peers read).
+Only ratios taken in one run mean something on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ALGORITHMS = {"maml2": "MAML 2nd", "maml1": "MAML 1st", "anil": "ANIL 2nd"}
+WORKLOADS = ("W1", "W2", "W2x10")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_workloads(bench_dir: str) -> dict:
+    """The shared workload table plus ``W2x10`` (W2 with 10 inner steps)."""
+    path = os.path.join(bench_dir, "workload.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"no workload.py in --bench-dir {bench_dir}")
+    spec = importlib.util.spec_from_file_location("workload", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = dict(module.WORKLOADS)
+    table["W2x10"] = dict(table["W2"], steps=10)
+    return table
+
+
+def worker(W: dict, algorithm: str, iterations: int) -> dict:
+    """Time ``iterations`` meta-iterations (after one warm-up) of paddlefsl in this process."""
+    import paddle
+    import paddle.nn.functional as F
+    from paddle import nn
+
+    from paddlefsl.metaopt import ANIL, MAML
+
+    paddle.seed(0)
+    c_in, size, _ = W["img"]
+    layers = []
+    for i in range(4):
+        conv = nn.Conv2D(c_in if i == 0 else W["channels"], W["channels"], 3, stride=1 if W["pool"] else 2,
+                         padding=1)
+        layers += [conv, nn.BatchNorm2D(W["channels"]), nn.ReLU()] + ([nn.MaxPool2D(2)] if W["pool"] else [])
+        size = size // 2 if W["pool"] else (size + 1) // 2
+    features = nn.Sequential(*layers, nn.Flatten())
+    head = nn.Linear(W["channels"] * size * size, W["ways"])
+    optimizer = paddle.optimizer.Adam(1e-3, parameters=list(features.parameters()) + list(head.parameters()))
+    if algorithm == "anil":
+        learner = ANIL(features, head, W["inner_lr"], meta_optimizer=optimizer)
+    else:
+        learner = MAML(nn.Sequential(features, head), W["inner_lr"], first_order=algorithm == "maml1",
+                       meta_optimizer=optimizer)
+    n_s, n_q = W["ways"] * W["shots"], W["ways"] * W["query"]
+    tasks = [(paddle.randn([n_s, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["shots"]),
+              paddle.randn([n_q, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["query"]))
+             for _ in range(W["meta_batch"])]
+
+    def meta_iteration():
+        losses = []
+        for xs, ys, xq, yq in tasks:
+            task = learner.clone()
+            for _ in range(W["steps"]):
+                task.adapt(F.cross_entropy(task(xs), ys))
+            losses.append(F.cross_entropy(task(xq), yq))
+        learner.step(paddle.stack(losses).mean())
+
+    meta_iteration()
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        meta_iteration()
+        times.append(time.perf_counter() - start)
+    return {"times": times}
+
+
+def _run(command: list[str], env: dict, cwd: str | None = None) -> tuple[str, float]:
+    """Run ``command``; return its standard output and the peak RSS of that process in MiB."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text = out.read().decode()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}: "
+                               f"{err.read().decode()[-2000:]}")
+    return text, usage.ru_maxrss / 1024.0
+
+
+def measure_ours(workload: str, algorithm: str, iterations: int, bench_dir: str, meta_batch: int | None,
+                 env: dict) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", workload, algorithm,
+               "--iterations", str(iterations), "--bench-dir", bench_dir]
+    if meta_batch is not None:
+        command += ["--meta-batch", str(meta_batch)]
+    text, peak = _run(command, env)
+    result = json.loads(text.strip().splitlines()[-1])
+    return {"median_s": statistics.median(result["times"]), "times_s": result["times"], "peak_rss_mib": peak}
+
+
+def measure_peer(script: str, args: list[str], python: str, bench_dir: str, workloads: dict, env: dict) -> dict:
+    """Run a peer script from ``bench_dir`` in a copy whose ``workload.py`` also knows ``W2x10``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(os.path.join(bench_dir, script), tmp)
+        with open(os.path.join(tmp, "workload.py"), "w") as f:
+            f.write(f"WORKLOADS = {workloads!r}\n")
+        text, peak = _run([python, os.path.join(tmp, script)] + args, env, cwd=tmp)
+    match = re.search(r"median ([0-9.]+) s", text)
+    if match is None:
+        match = re.search(r"([0-9]+\.[0-9]+)", text.strip().splitlines()[-1])
+    if match is None:
+        raise RuntimeError(f"cannot read a time from {script} {args}: {text[-500:]}")
+    return {"median_s": float(match.group(1)), "peak_rss_mib": peak}
+
+
+def table(results: list[dict]) -> str:
+    """A Markdown table of the results (one row per workload and implementation)."""
+    rows = ["| workload | implementation | s / meta-iteration | tasks / s | peak RSS MiB | learn2learn s / ours |",
+            "|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = f"{r['l2l_over_ours']:.2f}" if r.get("l2l_over_ours") else ""
+        rows.append(f"| {r['workload']} | {r['implementation']} | {r['median_s']:.3f} | {r['tasks_per_s']:.2f} | "
+                    f"{r['peak_rss_mib']:.0f} | {ratio} |")
+    return "\n".join(rows)
+
+
+def chart(results: list[dict], path: str) -> None:
+    """A grouped bar chart of seconds per meta-iteration (one group per workload)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in results))
+    names = list(dict.fromkeys(r["implementation"] for r in results))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.8 * len(workloads), 4))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, w in enumerate(workloads):
+            for r in results:
+                if r["workload"] == w and r["implementation"] == name:
+                    xs.append(j + i * width)
+                    ys.append(r["median_s"])
+        ax.bar(xs, ys, width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(workloads))], workloads)
+    ax.set_ylabel("seconds per meta-iteration (median)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS), default=list(ALGORITHMS))
+    parser.add_argument("--iterations", type=int, default=3, help="timed meta-iterations after one warm-up")
+    parser.add_argument("--meta-batch", type=int, default=None, help="override the workloads' meta-batch size")
+    parser.add_argument("--bench-dir", default=os.path.join(_HERE, "..", "..", "shared", "bench"))
+    parser.add_argument("--peers", action="store_true", help="also time learn2learn and plain Paddle")
+    parser.add_argument("--peer-python", default="/tmp/peers/bin/python",
+                        help="a Python with torch and learn2learn (see the bench README)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--png", help="draw the bar chart here")
+    parser.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "ALGORITHM"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.iterations < 1:
+        parser.error("--iterations must be at least 1")
+    workloads = load_workloads(os.path.abspath(args.bench_dir))
+    if args.meta_batch is not None:
+        workloads = {k: dict(v, meta_batch=args.meta_batch) for k, v in workloads.items()}
+    if args.worker:
+        print(json.dumps(worker(workloads[args.worker[0]], args.worker[1], args.iterations)))
+        return []
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(_HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
+    if args.peers and not os.path.exists(args.peer_python):
+        parser.error(f"--peers: no Python at {args.peer_python}; install the peers as the bench README says or "
+                     "pass --peer-python")
+    results = []
+    for w in args.workloads:
+        W = workloads[w]
+        ours = {}
+        for algorithm in args.algorithms:
+            r = measure_ours(w, algorithm, args.iterations, os.path.abspath(args.bench_dir), args.meta_batch, env)
+            ours[algorithm] = r
+            results.append(dict(r, workload=w, implementation=f"paddlefsl {ALGORITHMS[algorithm]}"))
+        if args.peers:
+            for algorithm, order in (("maml2", "second"), ("maml1", "first")):
+                peer = measure_peer("peer_torch.py", [w, "l2l", order, str(args.iterations)], args.peer_python,
+                                    os.path.abspath(args.bench_dir), workloads, env)
+                label = {"second": "learn2learn MAML 2nd", "first": "learn2learn MAML 1st"}[order]
+                results.append(dict(peer, workload=w, implementation=label))
+                if algorithm in ours:
+                    ours_row = next(r for r in results if r["workload"] == w
+                                    and r["implementation"] == f"paddlefsl {ALGORITHMS[algorithm]}")
+                    ours_row["l2l_over_ours"] = peer["median_s"] / ours_row["median_s"]
+            raw = measure_peer("paddle_raw.py", [w, str(args.iterations)], sys.executable,
+                               os.path.abspath(args.bench_dir), workloads, env)
+            results.append(dict(raw, workload=w, implementation="plain Paddle 1st"))
+        for r in results:
+            if r["workload"] == w:
+                r["tasks_per_s"] = W["meta_batch"] / r["median_s"]
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": os.environ.get("OMP_NUM_THREADS"), "results": results}, f, indent=1)
+    if args.png:
+        chart(results, args.png)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Fast CPU kernels the exact op layer may call for the value of a rule (used only by ``autodiff/``).
+
+Today: the three float32 2-D convolution kernels (forward, backward data, backward weights) through the oneDNN
+library that the Paddle CPU wheel ships (:mod:`paddlefsl.metaopt.kernels.onednn`). A kernel is used when all of
+these hold, otherwise the rule calls Paddle's own kernel:
+
+* the fast path is on: the environment variable ``PADDLEFSL_FAST_KERNELS`` is not ``0`` (read at import) and
+  :func:`set_fast_kernels` did not turn it off;
+* oneDNN 3 loads from ``paddle/libs/libdnnl.so.3``;
+* float32 tensors on the CPU, NCHW, one group, dilation 1;
+* the convolution is large enough (:data:`MIN_MACS` multiply-adds): below that, oneDNN's per-call overhead (about
+  0.1 ms through ``ctypes``) costs more than Paddle's kernel;
+* the plan for that shape passed its one-time self-check: its first result is compared with Paddle's own kernel on
+  the same inputs; a plan that disagrees is never used (a warning says so).
+
+Example:
+    >>> from paddlefsl.metaopt import set_fast_kernels
+    >>> previous = set_fast_kernels(False)   # Paddle's kernels only
+    >>> _ = set_fast_kernels(previous)
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import paddle
+
+from paddlefsl.metaopt.kernels import onednn
+
+__all__ = ["MIN_MACS", "fast_kernels_enabled", "set_fast_kernels", "conv2d", "conv2d_backward_data",
+           "conv2d_backward_weights", "conv2d_supported", "self_check_failures"]
+
+ENV = "PADDLEFSL_FAST_KERNELS"
+MIN_MACS = 1 << 20
+"""Smallest convolution (multiply-adds, ``N * O * h * w * C * kh * kw``) sent to oneDNN."""
+
+_enabled = os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+_checked: dict = {}
+
+
+def fast_kernels_enabled() -> bool:
+    """Whether the fast kernels may be used (the switch only; each call still checks dtype, shape and library)."""
+    return _enabled
+
+
+def set_fast_kernels(enabled: bool) -> bool:
+    """Turn the fast CPU kernels on or off for the whole process; returns the previous setting.
+
+    The environment variable ``PADDLEFSL_FAST_KERNELS=0`` turns them off from the start. Gradients are exact
+    either way; only speed changes.
+
+    Args:
+        enabled: ``True`` to allow the fast kernels, ``False`` for Paddle's own kernels only.
+
+    Returns:
+        The previous setting.
+
+    Raises:
+        TypeError: if ``enabled`` is not a bool.
+
+    Example:
+        >>> previous = set_fast_kernels(False)
+        >>> _ = set_fast_kernels(previous)
+    """
+    global _enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {type(enabled).__name__} {enabled!r}")
+    previous, _enabled = _enabled, enabled
+    return previous
+
+
+def self_check_failures() -> list[tuple]:
+    """The plans whose self-check against Paddle's kernel failed (each is then never used)."""
+    return [key for key, ok in _checked.items() if not ok]
+
+
+def conv2d_supported(x: paddle.Tensor, w: paddle.Tensor, dilation: Sequence[int], groups: int,
+                     channel_last: bool, macs: int) -> bool:
+    """Whether a 2-D convolution of ``x`` (input or output gradient) with weight ``w`` goes to oneDNN."""
+    return (_enabled and not channel_last and int(groups) == 1 and all(int(d) == 1 for d in dilation)
+            and x.ndim == 4 and x.dtype == paddle.float32 and w.dtype == paddle.float32
+            and x.place.is_cpu_place() and w.place.is_cpu_place() and macs >= MIN_MACS and onednn.available())
+
+
+def _checked_call(key: tuple, fast: Callable[[], paddle.Tensor],
+                  reference: Callable[[], paddle.Tensor]) -> paddle.Tensor:
+    """``fast()``, compared once per ``key`` with ``reference()``; a key that disagreed gets ``reference()``."""
+    ok = _checked.get(key)
+    if ok is False:
+        return reference()
+    try:
+        value = fast()
+    except RuntimeError as error:  # oneDNN refused the geometry: Paddle's kernel for this shape from now on
+        _checked[key] = False
+        warnings.warn(f"oneDNN kernel {key[0]} for shapes {key[1:]} failed ({error}); using Paddle's kernel",
+                      RuntimeWarning, stacklevel=3)
+        return reference()
+    if ok is None:
+        want = reference()
+        got_np, want_np = value.numpy(), want.numpy()
+        scale = max(float(np.abs(want_np).max()), 1e-30)
+        _checked[key] = bool(got_np.shape == want_np.shape and np.abs(got_np - want_np).max() <= 1e-4 * scale)
+        if not _checked[key]:
+            warnings.warn(f"oneDNN kernel {key[0]} for shapes {key[1:]} disagrees with Paddle's kernel; using "
+                          "Paddle's kernel for it", RuntimeWarning, stacklevel=3)
+            return want
+    return value
+
+
+def _contiguous(t: paddle.Tensor) -> paddle.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def conv2d(x: paddle.Tensor, w: paddle.Tensor, stride: Sequence[int], pads: Sequence[int],
+           reference: Callable[[], paddle.Tensor]) -> paddle.Tensor:
+    """Forward convolution on oneDNN (check :func:`conv2d_supported` first); ``reference()`` is Paddle's."""
+    key = ("conv2d", tuple(x.shape), tuple(w.shape), tuple(stride), tuple(pads))
+    return _checked_call(key, lambda: onednn.conv2d_forward(_contiguous(x), _contiguous(w), stride, pads), reference)
+
+
+def conv2d_backward_data(gy: paddle.Tensor, w: paddle.Tensor, x_shape: Sequence[int], stride: Sequence[int],
+                         pads: Sequence[int], reference: Callable[[], paddle.Tensor]) -> paddle.Tensor:
+    """The transposed convolution of ``gy`` with ``w`` to shape ``x_shape`` on oneDNN."""
+    key = ("conv2d_backward_data", tuple(gy.shape), tuple(w.shape), tuple(x_shape), tuple(stride), tuple(pads))
+    return _checked_call(key, lambda: onednn.conv2d_backward_data(_contiguous(gy), _contiguous(w), x_shape, stride,
+                                                                  pads), reference)
+
+
+def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequence[int], stride: Sequence[int],
+                            pads: Sequence[int], reference: Callable[[], paddle.Tensor]) -> paddle.Tensor:
+    """The weight gradient of the convolution of ``x`` for the output gradient ``gy`` on oneDNN."""
+    key = ("conv2d_backward_weights", tuple(x.shape), tuple(gy.shape), tuple(w_shape), tuple(stride), tuple(pads))
+    return _checked_call(key, lambda: onednn.conv2d_backward_weights(_contiguous(x), _contiguous(gy), w_shape,
+                                                                     stride, pads), reference)

@@ -1,0 +1,273 @@
+"""oneDNN convolutions through ``ctypes``: the ``libdnnl.so.3`` that the Paddle CPU wheel ships.
+
+Three float32 NCHW kernels with plain (contiguous) Paddle tensors in and out: the convolution, its adjoint in the
+input (backward data, i.e. the transposed convolution) and its adjoint in the weight (backward weights). oneDNN
+picks its own (blocked) layouts; the plan for one shape reorders to and from them. Plans are built once per shape
+and cached. No compiler and no extra dependency: only the C API that the library exports.
+
+These are raw kernels (no autograd): :mod:`paddlefsl.metaopt.autodiff.conv` calls them only to compute the value
+of a rule whose gradients are written in differentiable ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Sequence
+
+import paddle
+
+__all__ = ["available", "load_error", "Conv2dPlan", "conv2d_forward", "conv2d_backward_data",
+           "conv2d_backward_weights", "version"]
+
+_MAX_NDIMS = 12
+_F32 = 3
+_FORMAT_ANY = 1
+_CPU = 1
+_STREAM_IN_ORDER = 1
+_FORWARD_TRAINING = 64
+_BACKWARD_DATA = 160
+_BACKWARD_WEIGHTS = 192
+_CONVOLUTION_DIRECT = 1
+_QUERY = {"src": 129, "diff_src": 130, "weights": 131, "diff_weights": 132, "dst": 133, "diff_dst": 134}
+_ARG = {"src": 1, "dst": 17, "weights": 33, "diff_src": 129, "diff_dst": 145, "diff_weights": 161}
+_ARG_FROM, _ARG_TO = 1, 17
+
+_Dims = ctypes.c_int64 * _MAX_NDIMS
+_vp = ctypes.c_void_p
+
+
+class _ExecArg(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_int), ("memory", _vp)]
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int),
+                ("hash", ctypes.c_char_p), ("cpu_runtime", ctypes.c_uint), ("gpu_runtime", ctypes.c_uint)]
+
+
+class _Library:
+    """The loaded library, one CPU engine and one in-order stream."""
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.CDLL(path)
+        lib.dnnl_version.restype = ctypes.POINTER(_Version)
+        v = lib.dnnl_version().contents
+        self.version = (v.major, v.minor, v.patch)
+        if v.major != 3:
+            raise OSError(f"{path} is oneDNN {v.major}.{v.minor}.{v.patch}; the bindings need major version 3")
+        for name in ("dnnl_primitive_desc_query_md",):
+            getattr(lib, name).restype = _vp
+        lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+        lib.dnnl_memory_desc_equal.restype = ctypes.c_int
+        self.lib = lib
+        self.engine = _vp()
+        self.check(lib.dnnl_engine_create(ctypes.byref(self.engine), _CPU, ctypes.c_size_t(0)), "engine_create")
+        self.stream = _vp()
+        self.check(lib.dnnl_stream_create(ctypes.byref(self.stream), self.engine, ctypes.c_uint(_STREAM_IN_ORDER)),
+                   "stream_create")
+
+    @staticmethod
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"oneDNN {what} failed with status {status}")
+
+    def plain_md(self, shape: Sequence[int]) -> _vp:
+        """A float32 memory descriptor of a contiguous row-major tensor."""
+        dims, strides = _Dims(*shape), _Dims()
+        step = 1
+        for i in reversed(range(len(shape))):
+            strides[i] = step
+            step *= int(shape[i])
+        md = _vp()
+        self.check(self.lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), dims, _F32, strides),
+                   "memory_desc_create_with_strides")
+        return md
+
+    def any_md(self, shape: Sequence[int]) -> _vp:
+        """A float32 memory descriptor whose layout the primitive chooses."""
+        md = _vp()
+        self.check(self.lib.dnnl_memory_desc_create_with_tag(ctypes.byref(md), len(shape), _Dims(*shape), _F32,
+                                                             _FORMAT_ANY), "memory_desc_create_with_tag")
+        return md
+
+    def memory(self, md, handle=None) -> _vp:
+        mem = _vp()
+        allocate = _vp(ctypes.c_size_t(-1).value) if handle is None else _vp(handle)
+        self.check(self.lib.dnnl_memory_create(ctypes.byref(mem), md, self.engine, allocate), "memory_create")
+        return mem
+
+    def primitive(self, pd) -> _vp:
+        prim = _vp()
+        self.check(self.lib.dnnl_primitive_create(ctypes.byref(prim), pd), "primitive_create")
+        return prim
+
+    def reorder(self, src_md, dst_md) -> _vp:
+        pd = _vp()
+        self.check(self.lib.dnnl_reorder_primitive_desc_create(ctypes.byref(pd), src_md, self.engine, dst_md,
+                                                               self.engine, None), "reorder_primitive_desc_create")
+        prim = self.primitive(pd)
+        self.lib.dnnl_primitive_desc_destroy(pd)
+        return prim
+
+    def execute(self, prim, args: Sequence[tuple[int, _vp]]) -> None:
+        arr = (_ExecArg * len(args))(*[_ExecArg(a, m) for a, m in args])
+        self.check(self.lib.dnnl_primitive_execute(prim, self.stream, len(args), arr), "primitive_execute")
+
+
+class _Operand:
+    """One argument of a primitive: the user's plain memory and, when the primitive wants another layout, its own
+    buffer with the reorder between the two."""
+
+    def __init__(self, lib: _Library, plain_md, chosen_md, arg: int, is_input: bool) -> None:
+        self.arg = arg
+        self.user = lib.memory(plain_md, 0)
+        if lib.lib.dnnl_memory_desc_equal(plain_md, chosen_md):
+            self.inner, self.reorder = self.user, None
+        else:
+            self.inner = lib.memory(chosen_md)
+            self.reorder = lib.reorder(plain_md, chosen_md) if is_input else lib.reorder(chosen_md, plain_md)
+        self.is_input = is_input
+
+
+class Conv2dPlan:
+    """A cached oneDNN primitive for one float32 NCHW convolution geometry and one direction.
+
+    Args:
+        direction: ``"forward"`` (``y = conv(x, w)``), ``"backward_data"`` (``gx = conv^T(gy, w)``) or
+            ``"backward_weights"`` (``gw`` from ``x`` and ``gy``).
+        x_shape: ``[N, C, H, W]``.
+        w_shape: ``[O, C, kh, kw]``.
+        y_shape: ``[N, O, h, w]``.
+        stride: two strides.
+        pads: ``[top, bottom, left, right]``.
+
+    Raises:
+        RuntimeError: if oneDNN refuses the geometry.
+    """
+
+    def __init__(self, direction: str, x_shape, w_shape, y_shape, stride, pads) -> None:
+        lib = _library()
+        self.lib = lib
+        self.direction = direction
+        self.shapes = {"x": list(x_shape), "w": list(w_shape), "y": list(y_shape)}
+        strides, dil = _Dims(*stride), _Dims(0, 0)
+        pad_l, pad_r = _Dims(pads[0], pads[2]), _Dims(pads[1], pads[3])
+        x_any, w_any, y_any = lib.any_md(x_shape), lib.any_md(w_shape), lib.any_md(y_shape)
+        fwd = _vp()
+        lib.check(lib.lib.dnnl_convolution_forward_primitive_desc_create(
+            ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, _CONVOLUTION_DIRECT, x_any, w_any, None, y_any,
+            strides, dil, pad_l, pad_r, None), "convolution_forward_primitive_desc_create")
+        if direction == "forward":
+            pd = fwd
+            roles = [("x", "src", True), ("w", "weights", True), ("y", "dst", False)]
+        elif direction == "backward_data":
+            pd = _vp()
+            lib.check(lib.lib.dnnl_convolution_backward_data_primitive_desc_create(
+                ctypes.byref(pd), lib.engine, _CONVOLUTION_DIRECT, x_any, w_any, y_any, strides, dil, pad_l, pad_r,
+                fwd, None), "convolution_backward_data_primitive_desc_create")
+            roles = [("y", "diff_dst", True), ("w", "weights", True), ("x", "diff_src", False)]
+        elif direction == "backward_weights":
+            pd = _vp()
+            lib.check(lib.lib.dnnl_convolution_backward_weights_primitive_desc_create(
+                ctypes.byref(pd), lib.engine, _CONVOLUTION_DIRECT, x_any, w_any, None, y_any, strides, dil, pad_l,
+                pad_r, fwd, None), "convolution_backward_weights_primitive_desc_create")
+            roles = [("x", "src", True), ("y", "diff_dst", True), ("w", "diff_weights", False)]
+        else:
+            raise ValueError(f"direction must be forward, backward_data or backward_weights, got {direction!r}")
+        self.operands = {}
+        for key, role, is_input in roles:
+            chosen = lib.lib.dnnl_primitive_desc_query_md(pd, _QUERY[role], 0)
+            self.operands[key] = _Operand(lib, lib.plain_md(self.shapes[key]), _vp(chosen), _ARG[role], is_input)
+        self.primitive = lib.primitive(pd)
+        self.output = roles[-1][0]
+        self.inputs = [r[0] for r in roles[:-1]]
+
+    def __call__(self, **tensors: paddle.Tensor) -> paddle.Tensor:
+        """Run on contiguous float32 CPU tensors named ``x``/``w``/``y`` (the two inputs of the direction)."""
+        lib = self.lib
+        out = paddle.empty(self.shapes[self.output], dtype="float32")
+        for key in self.inputs:
+            op = self.operands[key]
+            lib.lib.dnnl_memory_set_data_handle(op.user, _vp(tensors[key].data_ptr()))
+            if op.reorder is not None:
+                lib.execute(op.reorder, [(_ARG_FROM, op.user), (_ARG_TO, op.inner)])
+        op_out = self.operands[self.output]
+        lib.lib.dnnl_memory_set_data_handle(op_out.user, _vp(out.data_ptr()))
+        lib.execute(self.primitive, [(op.arg, op.inner) for op in self.operands.values()])
+        if op_out.reorder is not None:
+            lib.execute(op_out.reorder, [(_ARG_FROM, op_out.inner), (_ARG_TO, op_out.user)])
+        lib.check(lib.lib.dnnl_stream_wait(lib.stream), "stream_wait")
+        return out
+
+
+_LIB: _Library | None = None
+_LOAD_ERROR: str | None = None
+_PLANS: dict = {}
+
+
+def _library_path() -> str:
+    return os.path.join(os.path.dirname(paddle.__file__), "libs", "libdnnl.so.3")
+
+
+def _library() -> _Library:
+    global _LIB, _LOAD_ERROR
+    if _LIB is None and _LOAD_ERROR is None:
+        try:
+            _LIB = _Library(_library_path())
+        except (OSError, AttributeError, RuntimeError) as error:  # missing library, other version, missing symbol
+            _LOAD_ERROR = f"{type(error).__name__}: {error}"
+    if _LIB is None:
+        raise OSError(f"oneDNN is not available: {_LOAD_ERROR}")
+    return _LIB
+
+
+def available() -> bool:
+    """Whether the oneDNN library loads (major version 3, the symbols the bindings use)."""
+    try:
+        _library()
+    except OSError:
+        return False
+    return True
+
+
+def load_error() -> str | None:
+    """Why the library did not load (``None`` if it did or was not tried yet)."""
+    return _LOAD_ERROR
+
+
+def version() -> tuple[int, int, int] | None:
+    """The loaded oneDNN version, or ``None``."""
+    return _library().version if available() else None
+
+
+def _plan(direction: str, x_shape, w_shape, y_shape, stride, pads) -> Conv2dPlan:
+    key = (direction, tuple(x_shape), tuple(w_shape), tuple(y_shape), tuple(stride), tuple(pads))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = Conv2dPlan(direction, x_shape, w_shape, y_shape, stride, pads)
+    return plan
+
+
+def conv_out_size(size: int, k: int, s: int, pad_before: int, pad_after: int) -> int:
+    """Output size of a convolution along one axis (dilation 1)."""
+    return (size + pad_before + pad_after - k) // s + 1
+
+
+def conv2d_forward(x: paddle.Tensor, w: paddle.Tensor, stride: Sequence[int], pads: Sequence[int]) -> paddle.Tensor:
+    """``conv2d(x, w)``, NCHW float32, pads ``[top, bottom, left, right]``, dilation 1, one group."""
+    n, _, h, wd = x.shape
+    y_shape = [n, w.shape[0], conv_out_size(h, w.shape[2], stride[0], pads[0], pads[1]),
+               conv_out_size(wd, w.shape[3], stride[1], pads[2], pads[3])]
+    return _plan("forward", x.shape, w.shape, y_shape, stride, pads)(x=x, w=w)
+
+
+def conv2d_backward_data(gy: paddle.Tensor, w: paddle.Tensor, x_shape: Sequence[int], stride: Sequence[int],
+                         pads: Sequence[int]) -> paddle.Tensor:
+    """The adjoint of ``conv2d(., w)`` applied to ``gy`` (a transposed convolution), of shape ``x_shape``."""
+    return _plan("backward_data", x_shape, w.shape, gy.shape, stride, pads)(y=gy, w=w)
+
+
+def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequence[int], stride: Sequence[int],
+                            pads: Sequence[int]) -> paddle.Tensor:
+    """The adjoint of ``conv2d(x, .)`` applied to ``gy`` (the weight gradient), of shape ``w_shape``."""
+    return _plan("backward_weights", x.shape, w_shape, gy.shape, stride, pads)(x=x, y=gy)

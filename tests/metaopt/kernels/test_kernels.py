@@ -1,0 +1,115 @@
+"""The fast-kernel policy: the switch (function and environment variable), the automatic choice with fallback to
+Paddle's kernel, and the one-time self-check."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from paddlefsl.metaopt import kernels, set_fast_kernels
+from paddlefsl.metaopt.kernels import onednn
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN not loadable")
+
+
+@pytest.fixture
+def fast_on():
+    previous = set_fast_kernels(True)
+    yield
+    set_fast_kernels(previous)
+
+
+def _tensors(dtype="float32", x_shape=(5, 16, 20, 20), w_shape=(16, 16, 3, 3)):
+    return paddle.randn(list(x_shape), dtype=dtype), paddle.randn(list(w_shape), dtype=dtype)
+
+
+def test_switch_returns_the_previous_setting_and_checks_its_argument():
+    previous = set_fast_kernels(False)
+    try:
+        assert kernels.fast_kernels_enabled() is False
+        assert set_fast_kernels(True) is False
+        assert kernels.fast_kernels_enabled() is True
+        with pytest.raises(TypeError, match="enabled must be True or False"):
+            set_fast_kernels("no")
+    finally:
+        set_fast_kernels(previous)
+
+
+@pytest.mark.parametrize("value,expected", [("0", False), (None, True)])
+def test_environment_variable(value, expected):
+    env = {k: v for k, v in os.environ.items() if k != kernels.ENV}
+    if value is not None:
+        env[kernels.ENV] = value
+    out = subprocess.run([sys.executable, "-c", "from paddlefsl.metaopt import kernels; "
+                          "print(kernels.fast_kernels_enabled())"], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__))))))
+    assert out.stdout.strip().splitlines()[-1] == str(expected)
+
+
+@needs_onednn
+def test_automatic_choice(fast_on, monkeypatch):
+    x, w = _tensors()
+    big = kernels.MIN_MACS
+    assert kernels.conv2d_supported(x, w, [1, 1], 1, False, big)
+    assert not kernels.conv2d_supported(x, w, [1, 1], 1, False, big - 1)    # too small: Paddle's kernel
+    assert not kernels.conv2d_supported(x, w, [2, 2], 1, False, big)        # dilation
+    assert not kernels.conv2d_supported(x, w, [1, 1], 2, False, big)        # groups
+    assert not kernels.conv2d_supported(x, w, [1, 1], 1, True, big)         # channel-last
+    x64, w64 = _tensors("float64")
+    assert not kernels.conv2d_supported(x64, w64, [1, 1], 1, False, big)    # float64
+    set_fast_kernels(False)
+    assert not kernels.conv2d_supported(x, w, [1, 1], 1, False, big)        # switched off
+    set_fast_kernels(True)
+    monkeypatch.setattr(onednn, "available", lambda: False)                 # library missing / other version
+    assert not kernels.conv2d_supported(x, w, [1, 1], 1, False, big)
+
+
+def test_missing_library_is_reported(monkeypatch):
+    monkeypatch.setattr(onednn, "_LIB", None)
+    monkeypatch.setattr(onednn, "_LOAD_ERROR", None)
+    monkeypatch.setattr(onednn, "_library_path", lambda: "/nonexistent/libdnnl.so.3")
+    assert onednn.available() is False
+    assert "libdnnl.so.3" in onednn.load_error()
+    with pytest.raises(OSError, match="oneDNN is not available"):
+        onednn.conv2d_forward(*_tensors(), [1, 1], [1, 1, 1, 1])
+
+
+@needs_onednn
+def test_self_check_rejects_a_wrong_kernel_once_and_for_all(fast_on, monkeypatch):
+    x, w = _tensors(x_shape=(3, 16, 11, 11))
+    stock = lambda: paddle._C_ops.conv2d(x, w, [1, 1], [1, 1, 1, 1], "EXPLICIT", [1, 1], 1, "NCHW")
+    calls = []
+
+    def wrong(*args):
+        calls.append(1)
+        return stock() + 1.0
+
+    monkeypatch.setattr(onednn, "conv2d_forward", wrong)
+    monkeypatch.setattr(kernels, "_checked", {})
+    with pytest.warns(RuntimeWarning, match="disagrees with Paddle's kernel"):
+        got = kernels.conv2d(x, w, [1, 1], [1, 1, 1, 1], stock)
+    np.testing.assert_array_equal(got.numpy(), stock().numpy())
+    assert len(kernels.self_check_failures()) == 1
+    kernels.conv2d(x, w, [1, 1], [1, 1, 1, 1], stock)
+    assert calls == [1]  # never called again for that shape
+
+
+@needs_onednn
+def test_self_check_passes_and_compares_only_once(fast_on, monkeypatch):
+    x, w = _tensors(x_shape=(3, 16, 13, 13))
+    references = []
+
+    def stock():
+        references.append(1)
+        return paddle._C_ops.conv2d(x, w, [1, 1], [1, 1, 1, 1], "EXPLICIT", [1, 1], 1, "NCHW")
+
+    monkeypatch.setattr(kernels, "_checked", {})
+    first = kernels.conv2d(x, w, [1, 1], [1, 1, 1, 1], stock)
+    second = kernels.conv2d(x, w, [1, 1], [1, 1, 1, 1], stock)
+    assert references == [1] and kernels.self_check_failures() == []
+    np.testing.assert_array_equal(first.numpy(), second.numpy())

@@ -1,0 +1,63 @@
+"""The oneDNN convolution kernels against Paddle's own kernels (float32, NCHW)."""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import pytest
+
+from paddlefsl.metaopt.kernels import onednn
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN not loadable: {onednn.load_error()}")
+
+# (x shape, w shape, stride, pads [top, bottom, left, right])
+GEOMETRIES = [
+    ([5, 3, 20, 20], [8, 3, 3, 3], [1, 1], [1, 1, 1, 1]),     # W2's first layer, smaller
+    ([5, 16, 14, 14], [16, 16, 3, 3], [2, 2], [1, 1, 1, 1]),  # W1's strided layers
+    ([2, 4, 7, 6], [5, 4, 3, 2], [2, 1], [0, 1, 1, 0]),       # asymmetric pads and kernel
+    ([3, 6, 5, 5], [4, 6, 1, 1], [1, 1], [0, 0, 0, 0]),       # 1x1
+]
+
+
+def _stock(x, w, stride, pads):
+    y = paddle._C_ops.conv2d(x, w, stride, pads, "EXPLICIT", [1, 1], 1, "NCHW")
+    return y
+
+
+def _close(got: paddle.Tensor, want: paddle.Tensor) -> None:
+    assert list(got.shape) == list(want.shape) and got.dtype == paddle.float32
+    scale = float(np.abs(want.numpy()).max())
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=2e-6 * scale)
+
+
+def test_version_is_three():
+    assert onednn.version()[0] == 3
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,pads", GEOMETRIES)
+def test_three_kernels_equal_paddle(x_shape, w_shape, stride, pads):
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal(x_shape), dtype="float32")
+    w = paddle.to_tensor(rng.standard_normal(w_shape), dtype="float32")
+    y = _stock(x, w, stride, pads)
+    gy = paddle.to_tensor(rng.standard_normal(y.shape), dtype="float32")
+    gx, gw = paddle._C_ops.conv2d_grad(x, w, gy, stride, pads, "EXPLICIT", [1, 1], 1, "NCHW")
+    _close(onednn.conv2d_forward(x, w, stride, pads), y)
+    _close(onednn.conv2d_backward_data(gy, w, x_shape, stride, pads), gx)
+    _close(onednn.conv2d_backward_weights(x, gy, w_shape, stride, pads), gw)
+
+
+def test_plans_are_cached_per_shape():
+    x, w = paddle.randn([2, 3, 9, 9], dtype="float32"), paddle.randn([4, 3, 3, 3], dtype="float32")
+    onednn.conv2d_forward(x, w, [1, 1], [1, 1, 1, 1])
+    count = len(onednn._PLANS)
+    onednn.conv2d_forward(x * 2, w, [1, 1], [1, 1, 1, 1])
+    assert len(onednn._PLANS) == count
+    onednn.conv2d_forward(x, w, [2, 2], [1, 1, 1, 1])
+    assert len(onednn._PLANS) == count + 1
+
+
+def test_inconsistent_geometry_is_refused():
+    """oneDNN checks the sizes: a wrong output size raises instead of writing out of bounds."""
+    with pytest.raises(RuntimeError, match=r"oneDNN convolution_\w+_primitive_desc_create failed"):
+        onednn.conv2d_backward_data(paddle.randn([1, 4, 5, 5], dtype="float32"),
+                                    paddle.randn([4, 3, 3, 3], dtype="float32"), [1, 3, 20, 20], [1, 1], [1, 1, 1, 1])
