@@ -13,7 +13,7 @@ import math
 import numpy as np
 import paddle
 import paddle.nn.functional as F
-from paddle.autograd import PyLayer
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 from paddlefsl.metaopt.autodiff.common import pointwise
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
@@ -24,7 +24,7 @@ stock(["tanh", "sigmoid"], "activation", "Paddle's second and third derivatives,
       order=3)
 
 
-class _Softmax(PyLayer):
+class _Softmax(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, axis):
         y = original("softmax")(x, axis)
@@ -38,7 +38,7 @@ class _Softmax(PyLayer):
         return y * (grad - (grad * y).sum(axis=ctx.axis, keepdim=True))
 
 
-class _LogSoftmax(PyLayer):
+class _LogSoftmax(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, axis):
         y = original("log_softmax")(x, axis)
@@ -79,7 +79,7 @@ def _gelu_derivative(x: paddle.Tensor, approximate: bool) -> paddle.Tensor:
     return cdf + x * paddle.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-class _Gelu(PyLayer):
+class _Gelu(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, approximate):
         ctx.save_for_backward(x)
@@ -169,7 +169,7 @@ def selu(x, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848
     return pointwise("selu", x, (scale, alpha), deriv)
 
 
-class _ReluMask(PyLayer):
+class _ReluMask(GuardedPyLayer):
     """``g -> g * (x > 0)`` for a fixed ``x``: one stock ``relu_grad`` kernel; the map is its own adjoint."""
 
     @staticmethod
@@ -182,7 +182,7 @@ class _ReluMask(PyLayer):
         return _ReluMask.apply(grad, ctx.x)
 
 
-class _Relu(PyLayer):
+class _Relu(GuardedPyLayer):
     """``relu(x)`` whose gradient is :class:`_ReluMask` (the mask is locally constant, so exact at every order)."""
 
     @staticmethod

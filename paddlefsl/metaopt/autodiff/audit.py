@@ -154,7 +154,7 @@ def _node(tensor: paddle.Tensor):
     PyLayer's context, say) holds the tensor in turn, that cycle is never freed. The consumer (``scale``, whose grad
     node saves no tensor) goes away with its wrapper.
     """
-    probe = registry.original("scale")(tensor, 1.0, 0.0, True)
+    probe = paddle._C_ops.scale(tensor, 1.0, 0.0, True)  # stock in the scope too (a verified kernel)
     node = probe.grad_fn
     return node.next_functions[0] if node is not None else None
 
