@@ -10,6 +10,8 @@ mini-imagenet-cache-{train,val,test}.pkl files. The MAML paper's settings are th
 examples/omniglot.py; runs unchanged under ``python -m paddle.distributed.launch --nproc_per_node N`` or
 ``paddle.distributed.spawn(miniimagenet.main, args=(argv,), nprocs=N)`` (docs/distributed.md).
 """
+from __future__ import annotations
+
 import os
 import sys
 

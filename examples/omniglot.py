@@ -9,6 +9,8 @@ in the data root, the error rate on Lake et al.'s 20 one-shot runs). Runs unchan
 ``python -m paddle.distributed.launch --nproc_per_node 2 examples/omniglot.py ...``, or
 ``paddle.distributed.spawn(omniglot.main, args=(argv,), nprocs=2)`` (docs/distributed.md).
 """
+from __future__ import annotations
+
 import os
 import sys
 

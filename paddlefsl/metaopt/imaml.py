@@ -26,7 +26,7 @@ import paddle
 from paddle import nn
 from paddle.autograd import PyLayer
 
-from paddlefsl.metaopt.autodiff import scope
+from paddlefsl.metaopt.autodiff import audit, scope
 from paddlefsl.metaopt.base import BaseLearner, check_inner_lr
 from paddlefsl.metaopt.errors import ConvergenceError, SecondOrderError
 from paddlefsl.metaopt.functional import ParameterSlots
@@ -182,6 +182,8 @@ class _Solve:
         return _split(x, leaves)
 
 
+@audit.first_order_pylayer("imaml (implicit meta-gradient)", "is the implicit meta-gradient node: its backward "
+                           "solves a linear system and cannot be differentiated again")
 class _Implicit(PyLayer):
     @staticmethod
     def forward(ctx, solve: _Solve, *theta: paddle.Tensor):

@@ -37,7 +37,7 @@ import paddle
 from paddle import nn
 from paddle.autograd import PyLayer
 
-from paddlefsl.metaopt.autodiff import scope
+from paddlefsl.metaopt.autodiff import audit, scope
 from paddlefsl.metaopt.errors import SecondOrderError
 from paddlefsl.metaopt.functional import ParameterSlots
 
@@ -105,6 +105,7 @@ class _Twin:
         learner.meta_optimizer = None
         learner._meta = task._meta
         learner._lease = None
+        learner._graph_tokens = task._graph_tokens[:-1] + (object(),)  # the replay builds a graph of its own
         learner._adapt_steps = 0
         learner._clones_since_step = 0
         learner._iteration = 0
@@ -283,6 +284,9 @@ def _grad(outputs: list[paddle.Tensor], inputs: list[paddle.Tensor],
         raise
 
 
+@audit.first_order_pylayer("recompute", "is a recomputed segment of the inner loop (MAML(recompute=...)): its "
+                           "meta-gradient is exact, but it cannot be differentiated again (a third derivative of the "
+                           "inner loss); build the learner without recompute for higher orders")
 class _Segment(PyLayer):
     @staticmethod
     def forward(ctx, replay: _Replay, *tensors: paddle.Tensor):

@@ -183,7 +183,7 @@ class _ReluMask(GuardedPyLayer):
 
 
 class _Relu(GuardedPyLayer):
-    """``relu(x)`` whose gradient is :class:`_ReluMask` (the mask is locally constant, so exact at every order)."""
+    """``relu(x)`` whose gradient is `_ReluMask` (the mask is locally constant, so exact at every order)."""
 
     @staticmethod
     def forward(ctx, x):

@@ -30,7 +30,8 @@ from paddle.autograd import PyLayer
 from paddlefsl.metaopt.autodiff import registry
 from paddlefsl.metaopt.errors import SecondOrderError
 
-__all__ = ["audit", "audit_once", "differentiable_nodes", "exact_pylayer", "node_op", "signature"]
+__all__ = ["audit", "audit_once", "differentiable_nodes", "exact_pylayer", "first_order_pylayer", "node_op",
+           "signature"]
 
 _LEVELS = ("", "Double", "Triple")
 _TRUSTED_MODULES = ("paddlefsl.metaopt.autodiff", "paddlefsl.metaopt.kernels")
@@ -39,6 +40,7 @@ _ACCUMULATION = "GradNodeAccumulation"
 _PYLAYER = "GradNodePyLayer_"
 
 _extra_pylayers: set[str] = set()
+_first_order_pylayers: dict[str, tuple[str, str]] = {}
 _cache: tuple[int, frozenset[str]] | None = None
 
 
@@ -76,6 +78,27 @@ def exact_pylayer(cls: type) -> type:
     _extra_pylayers.add(cls.__name__)
     _cache = None
     return cls
+
+
+def first_order_pylayer(op: str, reason: str):
+    """Declare a PyLayer whose backward is exact but cannot itself be differentiated: the audit refuses a
+    ``create_graph=True`` gradient through it with `SecondOrderError` naming ``op`` and giving ``reason``.
+
+    Args:
+        op: what the error calls the node, e.g. ``"recompute (inner steps 1..5)"``.
+        reason: why, and what to do instead.
+
+    Returns:
+        A class decorator that returns the class unchanged.
+    """
+
+    def declare(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, PyLayer)):
+            raise TypeError(f"first_order_pylayer expects a paddle.autograd.PyLayer subclass, got {cls!r}")
+        _first_order_pylayers[f"{_PYLAYER}{cls.__name__}"] = (op, reason)
+        return cls
+
+    return declare
 
 
 def _camel(kernel: str) -> str:
@@ -136,6 +159,8 @@ def node_op(name: str) -> tuple[str, int, str]:
 
 
 def _refuse(name: str, where: str) -> SecondOrderError:
+    if name in _first_order_pylayers:
+        return SecondOrderError(*_first_order_pylayers[name][:1], where, _first_order_pylayers[name][1])
     op, order, door = node_op(name)
     if door == "PyLayer":
         reason = (f"is a PyLayer that paddlefsl does not know (grad node {name!r}); if its backward is written in "

@@ -231,7 +231,7 @@ def _apply_conv_transpose(name: str, x, w, strides, paddings, output_padding, ou
 
 
 def _fast_conv2d(stock: Callable, geo: ConvGeometry, last: bool) -> Callable:
-    """``run(x, w)`` of a 2-D convolution: oneDNN's kernel where :mod:`paddlefsl.metaopt.kernels` supports the
+    """``run(x, w)`` of a 2-D convolution: oneDNN's kernel where `paddlefsl.metaopt.kernels` supports the
     call, ``stock`` otherwise (same value; the rule's gradients do not depend on which computed it)."""
     def run(x, w):
         sizes = [(x.shape[2 + i] + geo.pads[2 * i] + geo.pads[2 * i + 1] - w.shape[2 + i]) // geo.stride[i] + 1

@@ -170,7 +170,7 @@ class _WindowGather(GuardedPyLayer):
 
 
 class _FastMaxPool(GuardedPyLayer):
-    """Max pooling by one ``max_pool*_with_index`` kernel; backward scatters through :class:`_WindowScatter`."""
+    """Max pooling by one ``max_pool*_with_index`` kernel; backward scatters through `_WindowScatter`."""
 
     @staticmethod
     def forward(ctx, x, attrs: tuple, holder: dict):

@@ -43,6 +43,7 @@ _count = 0
 _patches: dict[str, Callable] | None = None
 _legacy_patches: dict[str, Callable] | None = None
 _STOCK_GRAD = paddle.grad
+_saved_grads: dict[str, Callable] = {}  # what paddle.grad / paddle.autograd.grad were when the scope was installed
 _STOCK_POW = (paddle.Tensor.__pow__, paddle.Tensor.__rpow__)
 _LEGACY = {name: getattr(_legacy_C_ops, name) for name in dir(_legacy_C_ops)
            if not name.startswith("_") and callable(getattr(_legacy_C_ops, name))}
@@ -216,8 +217,8 @@ def audited_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_g
         frame = sys._getframe(1)
         caller = f"{frame.f_code.co_filename}:{frame.f_lineno}"
         audit.audit_once(outputs, inputs_, audit.signature(outputs, inputs_, caller), UNTRACED)
-    return _STOCK_GRAD(outputs, inputs, grad_outputs, retain_graph, create_graph, only_inputs, allow_unused,
-                       no_grad_vars, *args, **kwargs)
+    return _saved_grads.get("paddle", _STOCK_GRAD)(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                                                   only_inputs, allow_unused, no_grad_vars, *args, **kwargs)
 
 
 def _install() -> None:
@@ -229,6 +230,7 @@ def _install() -> None:
         setattr(_C_ops, name, fn)
     for name, fn in _legacy_patches.items():
         setattr(_legacy_C_ops, name, fn)
+    _saved_grads.update(paddle=paddle.grad, autograd=paddle.autograd.grad)  # stock, or a user's wrapper
     paddle.grad = paddle.autograd.grad = audited_grad
     paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _pow, _rpow
 
@@ -238,7 +240,8 @@ def _uninstall() -> None:
         setattr(_C_ops, name, registry.original(name))
     for name in _legacy_patches or ():
         setattr(_legacy_C_ops, name, _LEGACY[name])
-    paddle.grad = paddle.autograd.grad = _STOCK_GRAD
+    paddle.grad = _saved_grads.pop("paddle", _STOCK_GRAD)
+    paddle.autograd.grad = _saved_grads.pop("autograd", _STOCK_GRAD)
     paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _STOCK_POW
 
 
@@ -336,7 +339,8 @@ def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool,
                   tuple(type(layer).__qualname__ for layer in model.sublayers(include_self=True)) if model else ())
         audit.audit_once(output, inputs, audit.signature(output, inputs, caller), UNTRACED)
     try:
-        return list(_STOCK_GRAD(output, inputs, create_graph=create_graph, allow_unused=True))
+        stock_grad = _saved_grads.get("paddle", _STOCK_GRAD)  # a user's wrapper of paddle.grad is kept, not audited
+        return list(stock_grad(output, inputs, create_graph=create_graph, allow_unused=True))
     except SecondOrderError:
         raise
     except Exception:

@@ -1,14 +1,14 @@
 """Fast CPU kernels the exact op layer may call for the value of a rule (used only by ``autodiff/``).
 
 Today: the three float32 2-D convolution kernels (forward, backward data, backward weights) through the oneDNN
-library that the Paddle CPU wheel ships (:mod:`paddlefsl.metaopt.kernels.onednn`). A kernel is used when all of
+library that the Paddle CPU wheel ships (`paddlefsl.metaopt.kernels.onednn`). A kernel is used when all of
 these hold, otherwise the rule calls Paddle's own kernel:
 
 * the fast path is on: the environment variable ``PADDLEFSL_FAST_KERNELS`` is not ``0`` (read at import) and
-  :func:`set_fast_kernels` did not turn it off;
+  `set_fast_kernels` did not turn it off;
 * oneDNN 3 loads from ``paddle/libs/libdnnl.so.3``;
 * float32 tensors on the CPU, NCHW, one group, dilation 1;
-* the convolution is large enough (:data:`MIN_MACS` multiply-adds): below that, oneDNN's per-call overhead (about
+* the convolution is large enough (`MIN_MACS` multiply-adds): below that, oneDNN's per-call overhead (about
   0.1 ms through ``ctypes``) costs more than Paddle's kernel;
 * the plan for that shape passed its one-time self-check: its first result is compared with Paddle's own kernel on
   the same inputs; a plan that disagrees is never used (a warning says so).
@@ -115,7 +115,7 @@ def _contiguous(t: paddle.Tensor) -> paddle.Tensor:
 
 def conv2d(x: paddle.Tensor, w: paddle.Tensor, stride: Sequence[int], pads: Sequence[int],
            reference: Callable[[], paddle.Tensor]) -> paddle.Tensor:
-    """Forward convolution on oneDNN (check :func:`conv2d_supported` first); ``reference()`` is Paddle's."""
+    """Forward convolution on oneDNN (check `conv2d_supported` first); ``reference()`` is Paddle's."""
     key = ("conv2d", tuple(x.shape), tuple(w.shape), tuple(stride), tuple(pads))
     return _checked_call(key, lambda: onednn.conv2d_forward(_contiguous(x), _contiguous(w), stride, pads), reference)
 

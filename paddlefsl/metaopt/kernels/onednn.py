@@ -5,7 +5,7 @@ input (backward data, i.e. the transposed convolution) and its adjoint in the we
 picks its own (blocked) layouts; the plan for one shape reorders to and from them. Plans are built once per shape
 and cached. No compiler and no extra dependency: only the C API that the library exports.
 
-These are raw kernels (no autograd): :mod:`paddlefsl.metaopt.autodiff.conv` calls them only to compute the value
+These are raw kernels (no autograd): `paddlefsl.metaopt.autodiff.conv` calls them only to compute the value
 of a rule whose gradients are written in differentiable ops.
 """
 from __future__ import annotations
