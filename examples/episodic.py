@@ -31,10 +31,11 @@ def int_list(text: str) -> list[int]:
     return [int(i) for i in text.split(",") if i]
 
 
-def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
-    """The shared command line; ``defaults`` sets each dataset's paper values."""
+def parser(description: str, defaults: dict, algorithms: tuple = ALGORITHMS) -> argparse.ArgumentParser:
+    """The shared command line; ``defaults`` sets each dataset's paper values, ``algorithms`` the --algorithm
+    choices (a script may add its own, such as a non-meta-learned baseline)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    p.add_argument("--algorithm", choices=algorithms, default="maml")
     p.add_argument("--split", choices=("minimal", "standard"), default="minimal")
     p.add_argument("--data-root", required=True, help="folder holding the dataset files")
     p.add_argument("--ways", type=int, default=5)
@@ -174,7 +175,9 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
         losses, correct = [], 0.0
         for _ in range(args.meta_batch):
             xs, ys, xq, yq = make_task(train.images, train.labels, sampler.sample())
-            xs, ys, xq, yq = (paddle.to_tensor(a) for a in (shift(xs), ys, shift(xq), yq))
+            if args.augment_shift:  # images only; token ids and features go through unchanged
+                xs, xq = shift(xs), shift(xq)
+            xs, ys, xq, yq = (paddle.to_tensor(a) for a in (xs, ys, xq, yq))
             _, logits = adapt_and_predict(learner, xs, ys, xq, args.inner_steps)
             losses.append(F.cross_entropy(logits, yq))
             correct += float((logits.argmax(axis=1) == yq).astype("float32").mean().item())
