@@ -44,15 +44,20 @@ class EntityMarkerEncoder(nn.Layer):
     """An ERNIE encoder read at the head and tail start markers: ``ids [B, L]`` to ``[B, 2 * hidden]``.
 
     ``ErnieModel`` returns a tuple ``(sequence, pooled)``; this wrapper keeps the sequence output and gathers the two
-    marker states with a one-hot product (plain differentiable ops, so MAML's second order stays exact).
+    marker states with a one-hot product (plain differentiable ops, so MAML's second order stays exact). The unused
+    pooler is replaced by an identity (MAML rejects trainable parameters that the loss does not use), so the padding
+    mask, which ErnieModel derives from the pooler's dtype, is passed in.
     """
 
     def __init__(self, ernie: nn.Layer, head_marker: int, tail_marker: int) -> None:
         super().__init__()
+        ernie.pooler = nn.Identity()  # the pooled [CLS] state is unused, and MAML rejects parameters the loss skips
         self.ernie, self.head_marker, self.tail_marker = ernie, head_marker, tail_marker
 
     def forward(self, ids):
-        sequence, _ = self.ernie(ids)
+        dtype = self.ernie.embeddings.word_embeddings.weight.dtype  # ErnieModel reads it off the pooler we dropped
+        mask = ((ids == self.ernie.pad_token_id).astype(dtype) * -1e4).unsqueeze([1, 2])
+        sequence, _ = self.ernie(ids, attention_mask=mask)
         length = ids.shape[1]
         picked = []
         for marker in (self.head_marker, self.tail_marker):
@@ -75,7 +80,7 @@ class RelationClassifier(nn.Layer):
 def build_vocab(dataset: FewRel, indices: np.ndarray, min_freq: int, path: str) -> str:
     """Write a vocabulary of the words (after PaddleNLP's basic tokenization, lower-cased) that occur at least
     ``min_freq`` times in the given sentences, plus the special and marker tokens; return its path."""
-    from paddlenlp.transformers.tokenizer_utils import BasicTokenizer
+    from paddlenlp.transformers import BasicTokenizer
     basic = BasicTokenizer(do_lower_case=True)
     counts = Counter()
     for i in indices:
