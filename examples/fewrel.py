@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baseline  # noqa: E402
 import episodic  # noqa: E402
 
-from paddlefsl.datasets import FewRel, mark_entities  # noqa: E402
+from paddlefsl.datasets import CorruptDatasetError, DatasetNotFoundError, FewRel, mark_entities  # noqa: E402
 
 try:
     from paddlenlp.transformers import ErnieConfig, ErnieModel, ErnieTokenizer
@@ -133,7 +133,7 @@ def check_relations(p, dataset: FewRel, labels: np.ndarray, need: int, where: st
 
 
 p = episodic.parser(__doc__.splitlines()[0], dict(query=5, iterations=300, meta_batch=4, inner_steps=1,
-                                                  test_inner_steps=3, inner_lr=0.1),
+                                                  test_inner_steps=3, inner_lr=0.01),
                     algorithms=episodic.ALGORITHMS + ("baseline",))
 p.set_defaults(eval_tasks=600, meta_lr=5e-4)
 p.add_argument("--file", default="val_wiki.json", help="FewRel file whose relations are split (default val_wiki.json)")
@@ -141,9 +141,9 @@ p.add_argument("--train-relations", type=int, default=10,
                help="meta-train on the first N relations of --file (sorted by id), meta-test on the rest")
 p.add_argument("--cross-domain-file", default="val_semeval.json",
                help="also test on this file's relations, after meta-training ('' to skip; skipped when absent)")
-p.add_argument("--max-length", type=int, default=64, help="word pieces per sentence, [CLS] and [SEP] included")
+p.add_argument("--max-length", type=int, default=40, help="word pieces per sentence, [CLS] and [SEP] included")
 p.add_argument("--min-freq", type=int, default=2, help="own vocabulary: keep words seen this often in meta-training")
-p.add_argument("--hidden-size", type=int, default=64)
+p.add_argument("--hidden-size", type=int, default=32)
 p.add_argument("--layers", type=int, default=2)
 p.add_argument("--heads", type=int, default=2)
 p.add_argument("--pretrained", default=None, metavar="NAME",
@@ -163,7 +163,10 @@ for name, least in (("max_length", 8), ("min_freq", 1), ("hidden_size", 2), ("la
 if args.hidden_size % args.heads:
     p.error(f"--hidden-size {args.hidden_size} must be a multiple of --heads {args.heads}")
 
-data = FewRel(args.data_root, args.file)
+try:
+    data = FewRel(args.data_root, args.file)
+except (DatasetNotFoundError, CorruptDatasetError) as err:
+    p.exit(2, f"{p.prog}: error: {err}\n")
 if not 1 <= args.train_relations <= data.num_classes - args.ways:
     p.error(f"--train-relations must lie in 1..{data.num_classes - args.ways} so that {args.ways} relations of "
             f"{args.file} ({data.num_classes} in all) remain for meta-testing, got {args.train_relations}")
@@ -198,7 +201,10 @@ test = SimpleNamespace(images=ids[~is_train], labels=data.labels[~is_train])
 
 cross = None
 if args.cross_domain_file and os.path.exists(os.path.join(args.data_root, args.cross_domain_file)):
-    other = FewRel(args.data_root, args.cross_domain_file)
+    try:
+        other = FewRel(args.data_root, args.cross_domain_file)
+    except CorruptDatasetError as err:
+        p.exit(2, f"{p.prog}: error: {err}\n")
     check_relations(p, other, other.labels, args.shots + args.query, args.cross_domain_file)
     other_ids, _ = encode(other, tokenizer, args.max_length, vocab_size, args.cross_domain_file)
     cross = SimpleNamespace(images=other_ids, labels=other.labels)
