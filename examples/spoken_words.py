@@ -47,7 +47,7 @@ RATE = 8000
 class MDTCFeatures(nn.Layer):
     """MDTC takes ``[B, T, mels]`` and returns ``(out [B, T, C], None)``: keep ``out`` and average it over time."""
 
-    def __init__(self, mels: int, channels: int, stacks: int = 2, stack_size: int = 4, kernel: int = 5) -> None:
+    def __init__(self, mels: int, channels: int, stacks: int = 1, stack_size: int = 4, kernel: int = 5) -> None:
         super().__init__()
         self.mdtc = MDTC(stack_num=stacks, stack_size=stack_size, in_channels=mels, res_channels=channels,
                          kernel_size=kernel, causal=False)
@@ -147,7 +147,7 @@ p = episodic.parser(__doc__.splitlines()[0], dict(query=5, iterations=300, meta_
                                                   test_inner_steps=3, inner_lr=0.1),
                     algorithms=episodic.ALGORITHMS + ("baseline",))
 p.add_argument("--model", choices=("mdtc", "ecapa"), default="mdtc")
-p.add_argument("--channels", type=int, default=32, help="backbone width")
+p.add_argument("--channels", type=int, default=16, help="backbone width")
 p.add_argument("--mels", type=int, default=40)
 p.add_argument("--seconds", type=float, default=1.0, help="cut or zero-pad each recording to this length")
 p.add_argument("--test-speakers", default="theo,yweweler",
