@@ -30,10 +30,9 @@ def _spoken(out: Path, cache_dir: Path, *extra, data=DATA):
 
 
 @needs_data
-@pytest.mark.parametrize("algorithm", ["anil", "baseline"])
-def test_short_run_beats_chance_and_writes_everything(tmp_path, cache, algorithm):
-    run = _spoken(tmp_path, cache, "--algorithm", algorithm, "--iterations", "30", "--meta-batch", "2",
-                  "--eval-tasks", "40", "--log-every", "5", "--batch-size", "32", "--finetune-steps", "30")
+def test_short_baseline_run_beats_chance_and_writes_everything(tmp_path, cache):
+    run = _spoken(tmp_path, cache, "--algorithm", "baseline", "--iterations", "100", "--eval-tasks", "100",
+                  "--log-every", "20", "--batch-size", "32", "--finetune-steps", "30")
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(list(cache.glob("fsdd-logmel-*.npz"))) == 1
     results = json.loads((tmp_path / "results.json").read_text())
