@@ -31,8 +31,10 @@ for order in ours-first nlp-first; do
         "$venv/bin/pip" install --quiet -e "$repo[cpu,test]"
         "$venv/bin/pip" install --quiet "${nlp[@]}"
     else
-        "$venv/bin/pip" install --quiet "paddlepaddle>=3.0" "${nlp[@]}"
-        "$venv/bin/python" -c "from importlib.metadata import version; v = version('paddlefsl'); print('PaddleNLP alone brought paddlefsl', v); assert v.startswith('1.')"
+        # paddlefsl==1.1.0 is what PyPI resolves PaddleNLP's unversioned `paddlefsl` to (a local wheel cache might
+        # offer a build of this checkout instead); name it so that this order really starts from the old package.
+        "$venv/bin/pip" install --quiet "paddlepaddle>=3.0" "${nlp[@]}" paddlefsl==1.1.0
+        (cd "$work" && "$venv/bin/python" -c "from importlib.metadata import version; v = version('paddlefsl'); print('PaddleNLP alone brought paddlefsl', v); assert v.startswith('1.')")
         "$venv/bin/pip" install --quiet -e "$repo[cpu,test]"
     fi
     echo -n "$order: "
