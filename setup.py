@@ -35,6 +35,31 @@ setup(
         "plot": ["matplotlib"],
         "test": ["pytest>=7", "matplotlib"],
         "docs": ["mkdocs>=1.5", "mkdocstrings[python]>=0.24"],
-        "nlp": ["paddlenlp"],
+        # PaddleNLP 2.8.1 (the newest) imports on Paddle 3.x only with these caps; it also requires the old PyPI
+        # `paddlefsl` 1.1.0 by name, which this package (2.x) satisfies, so ours stays in place in either install order.
+        "nlp": [
+            "paddlenlp==2.8.1",
+            "huggingface_hub<0.25",
+            "aistudio-sdk==0.2.6",
+            "datasets<3",
+            "pyarrow<16",
+            "numpy<2",
+        ],
+        # The lean PaddleSpeech install: the dependencies that `paddlespeech.kws` and `paddlespeech.vector` import.
+        # PaddleSpeech itself goes in after, without its ~200 dependencies:
+        #   pip install -e ".[cpu,speech]" && pip install --no-deps paddlespeech==1.5.0
+        "speech": [
+            "resampy",
+            "soundfile",
+            "scipy",
+            "packaging",
+            "colorlog",
+            "pathos",
+            "tqdm",
+            "h5py",
+            "kaldiio",
+            "braceexpand",
+            "pyyaml",
+        ],
     },
 )

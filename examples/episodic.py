@@ -51,10 +51,11 @@ def int_list(text: str) -> list[int]:
     return [int(i) for i in text.split(",") if i]
 
 
-def parser(description: str, defaults: dict) -> argparse.ArgumentParser:
-    """The shared command line; ``defaults`` sets each dataset's paper values."""
+def parser(description: str, defaults: dict, algorithms: tuple = ALGORITHMS) -> argparse.ArgumentParser:
+    """The shared command line; ``defaults`` sets each dataset's paper values, ``algorithms`` the --algorithm
+    choices (a script may add its own, such as a non-meta-learned baseline)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
+    p.add_argument("--algorithm", choices=algorithms, default="maml")
     p.add_argument("--split", choices=("minimal", "standard"), default="minimal")
     p.add_argument("--data-root", required=True, help="folder holding the dataset files")
     p.add_argument("--ways", type=int, default=5)
@@ -327,11 +328,14 @@ def run(args: argparse.Namespace, model: nn.Layer, train, test,
                 tasks = iter(sampler.sample_batch(args.meta_batch, rank, world))
                 for i in range(args.meta_batch):
                     if i not in mine:  # another process's task: advance the augmentation stream as it does
-                        shift.skip(support)
-                        shift.skip(query)
+                        if args.augment_shift:
+                            shift.skip(support)
+                            shift.skip(query)
                         continue
                     xs, ys, xq, yq = make_task(train.images, train.labels, next(tasks))
-                    xs, ys, xq, yq = (paddle.to_tensor(a) for a in (shift(xs), ys, shift(xq), yq))
+                    if args.augment_shift:  # images only; token ids and features go through unchanged
+                        xs, xq = shift(xs), shift(xq)
+                    xs, ys, xq, yq = (paddle.to_tensor(a) for a in (xs, ys, xq, yq))
                     _, logits = adapt_and_predict(learner, xs, ys, xq, args.inner_steps)
                     losses.append(F.cross_entropy(logits, yq))
                     correct += float((logits.argmax(axis=1) == yq).astype("float32").mean().item())

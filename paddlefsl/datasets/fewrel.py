@@ -10,19 +10,23 @@ import paddle
 
 from .errors import CorruptDatasetError, DatasetNotFoundError
 
-__all__ = ["FewRel", "FewRelItem"]
+__all__ = ["FewRel", "FewRelItem", "mark_entities"]
 
 #: ``(tokens, head_span, tail_span)``; spans are ``(start, end)`` token offsets, end exclusive.
 FewRelItem = Tuple[List[str], Tuple[int, int], Tuple[int, int]]
 
 
-def _span(entity: Sequence[Any], where: str) -> Tuple[int, int]:
+def _span(entity: Sequence[Any], where: str, n_tokens: int) -> Tuple[int, int]:
     try:
         positions = [int(p) for p in entity[2][0]]
     except (IndexError, TypeError, ValueError) as err:
         raise CorruptDatasetError(f"{where}: entity {entity!r} lacks [name, id, [[positions]]]") from err
     if not positions:
         raise CorruptDatasetError(f"{where}: entity {entity!r} has no token positions")
+    outside = [p for p in positions if not 0 <= p < n_tokens]
+    if outside:
+        raise CorruptDatasetError(f"{where}: entity {entity[0]!r} has token positions {outside} outside the sentence "
+                                  f"of {n_tokens} tokens (valid: 0..{n_tokens - 1})")
     return min(positions), max(positions) + 1
 
 
@@ -41,6 +45,84 @@ def _window(tokens: List[str], head: Tuple[int, int], tail: Tuple[int, int],
         return s, max(min(span[1] - start, max_length), s + 1)
 
     return (tokens[start:end], shift(head), shift(tail)), fits
+
+
+def mark_entities(item: FewRelItem, tokenize: Callable[[str], List[str]], max_length: int,
+                  markers: Sequence[str] = ("[E1]", "[/E1]", "[E2]", "[/E2]")) -> Tuple[List[str], bool]:
+    """Tokenize a FewRel sentence with markers around the head and tail entity, within ``max_length`` pieces.
+
+    Each word goes through ``tokenize`` (a word-piece tokenizer, for example); ``markers`` (head start, head end,
+    tail start, tail end) are inserted as single pieces. A longer sentence is cut to a window around the entities
+    that keeps all four markers: the smallest span holding both marked entities, widened with context on both sides
+    when it fits; when even that span is too long, the two marked entities alone, each cut short inside its markers.
+
+    Args:
+        item: ``(tokens, head_span, tail_span)`` as :class:`FewRel` yields it.
+        tokenize: maps one word to its pieces.
+        max_length: the most pieces to return (at least 6: four markers and a piece of each entity).
+        markers: the four marker pieces.
+
+    Returns:
+        ``(pieces, cut)``: the marked pieces and whether the entities had to be cut short.
+
+    Raises:
+        ValueError: if ``max_length`` is below 6, or a span lies outside the sentence.
+
+    Example:
+        >>> mark_entities((["a", "b", "c"], (0, 1), (2, 3)), lambda w: [w], 16)[0]
+        ['[E1]', 'a', '[/E1]', 'b', '[E2]', 'c', '[/E2]']
+    """
+    if int(max_length) < 6:
+        raise ValueError(f"max_length must be at least 6 (four markers and a piece of each entity), got {max_length}")
+    tokens, head, tail = item
+    for name, (start, end) in (("head", head), ("tail", tail)):
+        if not 0 <= start < end <= len(tokens):
+            raise ValueError(f"{name} span {(start, end)} lies outside the sentence of {len(tokens)} tokens")
+    opens = {head[0]: [markers[0]], tail[0]: [markers[2]]}
+    closes = {head[1]: [markers[1]], tail[1]: [markers[3]]}
+    if head[0] == tail[0]:
+        opens[head[0]] = [markers[0], markers[2]]
+    if head[1] == tail[1]:
+        closes[head[1]] = [markers[3], markers[1]]
+    pieces: List[str] = []
+    bounds = {}
+    for i in range(len(tokens) + 1):
+        pieces += closes.get(i, [])
+        if i in closes:
+            bounds[("end", i)] = len(pieces)
+        if i in opens:
+            bounds[("start", i)] = len(pieces)
+        pieces += opens.get(i, [])
+        if i < len(tokens):
+            pieces += tokenize(tokens[i])
+    if len(pieces) <= max_length:
+        return pieces, False
+    lo = min(bounds[("start", head[0])], bounds[("start", tail[0])])
+    hi = max(bounds[("end", head[1])], bounds[("end", tail[1])])
+    if hi - lo <= max_length:
+        start = max(0, min(lo - (max_length - (hi - lo)) // 2, len(pieces) - max_length))
+        return pieces[start:start + max_length], False
+    spans = sorted([(bounds[("start", head[0])], bounds[("end", head[1])]),
+                    (bounds[("start", tail[0])], bounds[("end", tail[1])])])
+    if spans[0][1] > spans[1][0]:  # nested or crossing entities: the markers and each entity's first piece, then
+        window = pieces[lo:hi]      # the other pieces in order as they fit
+        keep = {i for i, p in enumerate(window) if p in markers}
+        keep |= {i + 1 for i, p in enumerate(window) if p in (markers[0], markers[2]) and i + 1 < len(window)
+                 and window[i + 1] not in markers}
+        room = max_length - len(keep)
+        out = []
+        for i, p in enumerate(window):
+            if i in keep or room > 0:
+                room -= i not in keep
+                out.append(p)
+        return out, True
+    budget = max_length // 2
+    out: List[str] = []
+    for first, last in spans:
+        span = pieces[first:last]
+        room = budget if not out else max_length - len(out)
+        out += span if len(span) <= room else span[:room - 1] + [span[-1]]
+    return out[:max_length], True
 
 
 class FewRel(paddle.io.Dataset):
@@ -107,7 +189,7 @@ class FewRel(paddle.io.Dataset):
                     tokens, h, t = list(inst["tokens"]), inst["h"], inst["t"]
                 except (KeyError, TypeError) as err:
                     raise CorruptDatasetError(f"{where}: instance needs tokens, h and t") from err
-                item: FewRelItem = (tokens, _span(h, where), _span(t, where))
+                item: FewRelItem = (tokens, _span(h, where, len(tokens)), _span(t, where, len(tokens)))
                 if max_length is not None:
                     item, kept = _window(*item, int(max_length))
                     self.num_clipped += not kept

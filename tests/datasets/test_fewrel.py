@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from paddlefsl.datasets import CorruptDatasetError, DatasetNotFoundError, FewRel
+from paddlefsl.datasets import CorruptDatasetError, DatasetNotFoundError, FewRel, mark_entities
 from paddlefsl.episodes import EpisodeSampler
 
 from .conftest import real_file
@@ -86,3 +86,50 @@ def test_real_files(file, relations, per_relation):
     sampler = EpisodeSampler(ds.labels, ways=5, shots=1, queries=2, seed=0)
     task = sampler.sample()
     assert len(task.support_indices) == 5 and len(task.query_indices) == 10
+
+
+def test_entity_positions_outside_the_sentence_are_named(tmp_path):
+    (tmp_path / "out.json").write_text(json.dumps({"P7": [_instance(5, [1], [3]), _instance(4, [1], [2, 4])]}))
+    with pytest.raises(CorruptDatasetError, match=r"out.json:P7\[1\]: entity 'tail' has token positions \[4\] "
+                                                  r"outside the sentence of 4 tokens"):
+        FewRel(tmp_path, "out.json")
+
+
+MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")
+
+
+def _words(n):
+    return [f"w{i}" for i in range(n)]
+
+
+def test_mark_entities_short_sentence_keeps_everything():
+    pieces, cut = mark_entities((_words(5), (1, 3), (4, 5)), lambda w: [w, "##x"] if w == "w0" else [w], 32)
+    assert pieces == ["w0", "##x", "[E1]", "w1", "w2", "[/E1]", "w3", "[E2]", "w4", "[/E2]"] and not cut
+    pieces, _ = mark_entities((_words(4), (3, 4), (0, 2)), lambda w: [w], 32)  # tail first
+    assert pieces == ["[E2]", "w0", "w1", "[/E2]", "w2", "[E1]", "w3", "[/E1]"]
+
+
+@pytest.mark.parametrize("max_length", [6, 9, 12, 20])
+@pytest.mark.parametrize("head,tail", [((2, 4), (30, 31)), ((35, 39), (1, 2)), ((10, 12), (14, 15)),
+                                       ((0, 40), (5, 6)), ((3, 8), (3, 8))])
+def test_mark_entities_truncates_around_the_entities_and_keeps_the_markers(max_length, head, tail):
+    pieces, cut = mark_entities((_words(40), head, tail), lambda w: [w], max_length)
+    assert len(pieces) <= max_length
+    assert [p for p in pieces if p in MARKERS and p.startswith("[E")] == \
+        (["[E1]", "[E2]"] if head[0] <= tail[0] else ["[E2]", "[E1]"])
+    assert sorted(p for p in pieces if p in MARKERS) == sorted(MARKERS)
+    for start_marker, end_marker, (s, e) in (("[E1]", "[/E1]", head), ("[E2]", "[/E2]", tail)):
+        inside = pieces[pieces.index(start_marker) + 1:pieces.index(end_marker)]
+        words = [p for p in inside if p not in MARKERS]
+        assert words and words[0] == f"w{s}"  # each entity keeps at least its first word
+        if not cut:
+            assert words == _words(40)[s:e]
+    span = max(head[1], tail[1]) - min(head[0], tail[0]) + 4
+    assert cut == (span > max_length)
+
+
+def test_mark_entities_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="max_length must be at least 6"):
+        mark_entities((_words(3), (0, 1), (2, 3)), lambda w: [w], 5)
+    with pytest.raises(ValueError, match=r"tail span \(2, 9\) lies outside the sentence of 3 tokens"):
+        mark_entities((_words(3), (0, 1), (2, 9)), lambda w: [w], 10)
