@@ -2,8 +2,8 @@
 
 Pre-train ``features`` and a head over all meta-train classes with plain minibatch cross-entropy, then, on each test
 episode, fit a fresh ``ways``-way linear head on the support features (the features stay fixed) and score the query
-set. The test episodes are the ones :func:`episodic.evaluate` draws (same sampler, same seed), so the numbers sit side
-by side with MAML / FOMAML / ANIL. Same outputs as :func:`episodic.run`: progress bar, OUT/metrics.jsonl,
+set. The test episodes are the ones `episodic.evaluate` draws (same sampler, same seed), so the numbers sit side
+by side with MAML / FOMAML / ANIL. Same outputs as `episodic.run`: progress bar, OUT/metrics.jsonl,
 OUT/learning_curve.png, OUT/checkpoint.pkl (plain model keys, exact --resume) and OUT/results.json.
 """
 from __future__ import annotations

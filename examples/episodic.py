@@ -1,6 +1,6 @@
 """The command-line contract and meta-training loop shared by examples/omniglot.py and examples/miniimagenet.py.
 
-Each script builds its datasets and backbone, then calls :func:`run`. Data, model and learner meet only here and in
+Each script builds its datasets and backbone, then calls `run`. Data, model and learner meet only here and in
 those scripts; ``paddlefsl.metaopt`` knows nothing about files or loops.
 
 Under ``python -m paddle.distributed.launch --nproc_per_node N`` (or ``paddle.distributed.spawn``) every process

@@ -1,7 +1,7 @@
 """The ``higher`` tutorial (meta-learning the learning rate and momentum of a 1-D regression), in Paddle.
 
 A linear model ``y = w x`` is fit to ``y = 3.5 x`` by 5 steps of Momentum (lr 0.3, momentum 0.5) inside
-:func:`paddlefsl.metaopt.innerloop_ctx`, with the learning rate and momentum given as tensors. The meta-loss
+`paddlefsl.metaopt.innerloop_ctx`, with the learning rate and momentum given as tensors. The meta-loss
 ``(w_5 - 3.5)^2`` is then differentiated w.r.t. the learning rate, the momentum and the initial weight. The numbers
 printed are those of PyTorch ``higher``'s tutorial:
 

@@ -57,7 +57,7 @@ def mark_entities(item: FewRelItem, tokenize: Callable[[str], List[str]], max_le
     when it fits; when even that span is too long, the two marked entities alone, each cut short inside its markers.
 
     Args:
-        item: ``(tokens, head_span, tail_span)`` as :class:`FewRel` yields it.
+        item: ``(tokens, head_span, tail_span)`` as `FewRel` yields it.
         tokenize: maps one word to its pieces.
         max_length: the most pieces to return (at least 6: four markers and a piece of each entity).
         markers: the four marker pieces.
