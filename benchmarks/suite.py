@@ -48,27 +48,18 @@ def worker(W: dict, algorithm: str, iterations: int) -> dict:
     from paddle import nn
 
     from paddlefsl.metaopt import ANIL, MAML
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from peer_model import conv4, random_tasks
 
     paddle.seed(0)
-    c_in, size, _ = W["img"]
-    layers = []
-    for i in range(4):
-        conv = nn.Conv2D(c_in if i == 0 else W["channels"], W["channels"], 3, stride=1 if W["pool"] else 2,
-                         padding=1)
-        layers += [conv, nn.BatchNorm2D(W["channels"]), nn.ReLU()] + ([nn.MaxPool2D(2)] if W["pool"] else [])
-        size = size // 2 if W["pool"] else (size + 1) // 2
-    features = nn.Sequential(*layers, nn.Flatten())
-    head = nn.Linear(W["channels"] * size * size, W["ways"])
+    features, head = conv4(W)
     optimizer = paddle.optimizer.Adam(1e-3, parameters=list(features.parameters()) + list(head.parameters()))
     if algorithm == "anil":
         learner = ANIL(features, head, W["inner_lr"], meta_optimizer=optimizer)
     else:
         learner = MAML(nn.Sequential(features, head), W["inner_lr"], first_order=algorithm == "maml1",
                        meta_optimizer=optimizer)
-    n_s, n_q = W["ways"] * W["shots"], W["ways"] * W["query"]
-    tasks = [(paddle.randn([n_s, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["shots"]),
-              paddle.randn([n_q, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["query"]))
-             for _ in range(W["meta_batch"])]
+    tasks = random_tasks(W)
 
     def meta_iteration():
         losses = []

@@ -20,6 +20,9 @@ from paddle import nn
 
 from paddlefsl.metaopt import MAML
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer_model import conv4, random_tasks  # noqa: E402
+
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("workload", choices=("W1", "W2"))
 parser.add_argument("--order", choices=("first", "second"), default="second")
@@ -36,20 +39,10 @@ spec.loader.exec_module(workload)
 W = workload.WORKLOADS[args.workload]
 
 paddle.seed(0)
-c_in, size, _ = W["img"]
-layers = []
-for i in range(4):
-    conv = nn.Conv2D(c_in if i == 0 else W["channels"], W["channels"], 3, stride=1 if W["pool"] else 2, padding=1)
-    layers += [conv, nn.BatchNorm2D(W["channels"]), nn.ReLU()] + ([nn.MaxPool2D(2)] if W["pool"] else [])
-    size = size // 2 if W["pool"] else (size + 1) // 2
-model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(W["channels"] * size * size, W["ways"]))
+model = nn.Sequential(*conv4(W))
 maml = MAML(model, W["inner_lr"], first_order=args.order == "first",
             meta_optimizer=paddle.optimizer.Adam(1e-3, parameters=model.parameters()))
-n_s, n_q = W["ways"] * W["shots"], W["ways"] * W["query"]
-tasks = [(paddle.randn([n_s, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["shots"]),
-          paddle.randn([n_q, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["query"]))
-         for _ in range(W["meta_batch"])]
-
+tasks = random_tasks(W)
 
 def meta_iteration():
     losses = []
