@@ -150,26 +150,24 @@ def _attrs(name: str, attrs: tuple) -> dict[str, Any]:
 
 
 def _legacy_unary(name: str) -> Callable:
-    stock, guarded = _LEGACY[name], _guard(name, _LEGACY[name], "paddle._legacy_C_ops")
+    guarded = _guard(name, _LEGACY[name], "paddle._legacy_C_ops")  # the stock kernel when recording is off
 
     def routed(x, *attrs):
-        if not paddle.is_grad_enabled() or set(_attrs(name, attrs)) - set(_LEGACY_FREE_ATTRS):
-            return stock(x, *attrs) if not paddle.is_grad_enabled() else guarded(x, *attrs)
-        return getattr(_C_ops, name)(x)
+        if paddle.is_grad_enabled() and not set(_attrs(name, attrs)) - set(_LEGACY_FREE_ATTRS):
+            return getattr(_C_ops, name)(x)
+        return guarded(x, *attrs)
 
     routed.__name__ = name
     return routed
 
 
 def _legacy_binary(name: str) -> Callable:
-    stock, kernel = _LEGACY[name], _LEGACY_BINARY[name]
-    guarded = _guard(name, stock, "paddle._legacy_C_ops")
+    kernel = _LEGACY_BINARY[name]
+    guarded = _guard(name, _LEGACY[name], "paddle._legacy_C_ops")  # the stock kernel when recording is off
 
     def routed(x, y, *attrs):
         settings = _attrs(name, attrs)
-        if not paddle.is_grad_enabled():
-            return stock(x, y, *attrs)
-        if set(settings) - {"axis", *_LEGACY_FREE_ATTRS}:
+        if not paddle.is_grad_enabled() or set(settings) - {"axis", *_LEGACY_FREE_ATTRS}:
             return guarded(x, y, *attrs)
         axis = settings.get("axis", -1)
         if axis != -1 and len(y.shape) < len(x.shape):
