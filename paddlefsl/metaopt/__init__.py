@@ -1,6 +1,7 @@
 """paddlefsl.metaopt: gradient-based meta-learning for any Paddle model, exact to second order and beyond."""
 from paddlefsl.metaopt.anil import ANIL
 from paddlefsl.metaopt.autodiff import exact_ops
+from paddlefsl.metaopt.autodiff.released import GraphReleasedError
 from paddlefsl.metaopt.base import BaseLearner
 from paddlefsl.metaopt.distributed import CollectiveError
 from paddlefsl.metaopt.errors import ConvergenceError, SecondOrderError
@@ -15,7 +16,7 @@ from paddlefsl.metaopt.optim import OptimizerTwin, register_twin, twin_for
 from paddlefsl.metaopt.schedules import multi_step_loss_weights
 
 __all__ = ["ANIL", "BaseLearner", "CGReport", "CollectiveError", "ConvergenceError", "DifferentiableOptimizer",
-           "FunctionalModel", "GradCheckReport", "IMAML", "MAML", "MetaSGD", "OptimizerTwin", "ParameterSlots",
+           "FunctionalModel", "GradCheckReport", "GraphReleasedError", "IMAML", "MAML", "MetaSGD", "OptimizerTwin", "ParameterSlots",
            "SecondOrderError", "check_meta_gradients", "clone_model", "conjugate_gradient", "exact_ops",
            "fast_kernels_enabled", "functional_call", "innerloop_ctx", "multi_step_loss_weights", "register_twin",
            "set_fast_kernels", "twin_for"]

@@ -14,21 +14,27 @@ node crash. ``paddle.grad`` runs copies of the nodes and leaves the context aliv
 times before a ``backward()``.
 
 One way in cannot be caught by a hook: ``paddle.grad`` over a graph that ``backward()`` has already run copies every
-node before any hook runs, and copying a released PyLayer node crashes inside Paddle. The learners attribute the
-nodes that their forward passes and inner steps build to the task learner (`owner`) and call `check_released` before
-their own ``paddle.grad`` (an ``adapt`` after ``step``); a ``paddle.grad`` of your own after a ``backward()`` of the
-same graph still crashes (a Paddle bug).
+node before any hook runs, and copying a released PyLayer node crashes inside Paddle. Two checks run before such a
+copy instead. The learners attribute the nodes that their forward passes and inner steps build to the task learner
+(`owner`) and call `check_released` before their own ``paddle.grad`` (an ``adapt`` after ``step``). While the exact
+scope is active, ``Tensor.backward`` is `recording_backward`, which remembers each root whose backward released a
+guarded node, and ``paddle.grad`` calls `check_not_backpropagated` on its outputs first, so ``loss.backward()``
+followed by ``paddle.grad(loss, ...)`` raises `GraphReleasedError`. Still uncaught (a Paddle bug): a ``paddle.grad``
+of your own over a *new* output computed from tensors whose graph an earlier ``backward()`` ran, e.g.
+``h.sum().backward()`` then ``paddle.grad(h.mean(), w)``.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import paddle
 from paddle.autograd import PyLayer
 
-__all__ = ["GraphReleasedError", "GuardedPyLayer", "RELEASED_MESSAGE", "check_released", "owner"]
+__all__ = ["GraphReleasedError", "GuardedPyLayer", "RELEASED_MESSAGE", "check_not_backpropagated", "check_released",
+           "owner", "recording_backward"]
 
 RELEASED_MESSAGE = (
     "backward through a graph that was already back-propagated: Paddle frees the state of the exact op layer's "
@@ -44,6 +50,8 @@ class GraphReleasedError(RuntimeError):
 _contexts: list[Any] = []
 _owners: list[object] = []
 _released: list[weakref.ref] = []
+_release_count = [0]  # guarded contexts released so far (by backward())
+_roots: dict[int, weakref.ref] = {}  # id -> root tensor whose backward() released guarded nodes
 
 
 class _Guard:
@@ -68,6 +76,7 @@ class _Guard:
 
 def _context_gone(guard: weakref.ref):
     def gone(_: weakref.ref) -> None:
+        _release_count[0] += 1
         if guard() is not None:
             _released.append(guard)
             if len(_released) > 4096:
@@ -111,6 +120,48 @@ def check_released(tokens: Sequence[object], where: str) -> None:
             raise GraphReleasedError(f"{where}: this task learner's graph was back-propagated by backward() or "
                                      "step(), and Paddle cannot differentiate it again (it would crash the process); "
                                      "clone a new task learner from the meta-learner for the next task")
+
+
+def recording_backward(stock: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``Tensor.backward`` so that roots whose backward released guarded nodes are remembered.
+
+    Args:
+        stock: the ``Tensor.backward`` to call.
+
+    Returns:
+        A ``Tensor.backward`` with the same signature and results.
+    """
+    @functools.wraps(stock)
+    def backward(self: paddle.Tensor, *args: Any, **kwargs: Any) -> Any:
+        before = _release_count[0]
+        try:
+            return stock(self, *args, **kwargs)
+        finally:
+            if _release_count[0] != before:
+                key = id(self)
+                _roots[key] = weakref.ref(self, lambda _, key=key: _roots.pop(key, None))
+    return backward
+
+
+def check_not_backpropagated(outputs: Any, where: str) -> None:
+    """Raise `GraphReleasedError` if ``backward()`` already ran through one of ``outputs``' graphs.
+
+    Only the roots that `recording_backward` saw are known: an output computed afresh from an already
+    back-propagated graph is not caught.
+
+    Args:
+        outputs: a tensor or a sequence of tensors (the first argument of ``paddle.grad``).
+        where: the call, for the message (e.g. ``"paddle.grad"``).
+
+    Raises:
+        GraphReleasedError: if ``backward()`` ran from one of ``outputs`` and released op-layer nodes.
+    """
+    if not _roots:
+        return
+    for t in outputs if isinstance(outputs, (list, tuple)) else (outputs,):
+        ref = _roots.get(id(t))
+        if ref is not None and ref() is t:
+            raise GraphReleasedError(f"{where}: backward() already ran through this output's graph. " + RELEASED_MESSAGE)
 
 
 class GuardedPyLayer(PyLayer):

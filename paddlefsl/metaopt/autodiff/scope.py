@@ -32,7 +32,7 @@ import paddle.autograd
 from paddle import _C_ops, _legacy_C_ops
 
 from paddlefsl.metaopt.errors import SecondOrderError
-from paddlefsl.metaopt.autodiff import audit, registry
+from paddlefsl.metaopt.autodiff import audit, registry, released
 from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 OUTSIDE = "<outside the model>"
@@ -45,6 +45,8 @@ _legacy_patches: dict[str, Callable] | None = None
 _STOCK_GRAD = paddle.grad
 _saved_grads: dict[str, Callable] = {}  # what paddle.grad / paddle.autograd.grad were when the scope was installed
 _STOCK_POW = (paddle.Tensor.__pow__, paddle.Tensor.__rpow__)
+_STOCK_BACKWARD = paddle.Tensor.backward
+_RECORDING_BACKWARD = released.recording_backward(_STOCK_BACKWARD)
 _LEGACY = {name: getattr(_legacy_C_ops, name) for name in dir(_legacy_C_ops)
            if not name.startswith("_") and callable(getattr(_legacy_C_ops, name))}
 _layer_stack: list[str] = []
@@ -210,6 +212,7 @@ def audited_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_g
     first (`paddlefsl.metaopt.autodiff.audit.audit`), so a gradient that could not be differentiated exactly raises
     `SecondOrderError` instead of returning a wrong higher-order gradient. Same signature and results as
     `paddle.grad`."""
+    released.check_not_backpropagated(outputs, "paddle.grad")
     if create_graph:
         inputs_ = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         frame = sys._getframe(1)
@@ -231,6 +234,7 @@ def _install() -> None:
     _saved_grads.update(paddle=paddle.grad, autograd=paddle.autograd.grad)  # stock, or a user's wrapper
     paddle.grad = paddle.autograd.grad = audited_grad
     paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _pow, _rpow
+    paddle.Tensor.backward = _RECORDING_BACKWARD
 
 
 def _uninstall() -> None:
@@ -241,6 +245,7 @@ def _uninstall() -> None:
     paddle.grad = _saved_grads.pop("paddle", _STOCK_GRAD)
     paddle.autograd.grad = _saved_grads.pop("autograd", _STOCK_GRAD)
     paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _STOCK_POW
+    paddle.Tensor.backward = _STOCK_BACKWARD
 
 
 def is_active() -> bool:
