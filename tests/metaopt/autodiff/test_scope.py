@@ -18,7 +18,7 @@ def _public_functions():
     functions = {(space, name): getattr(obj, name) for space, obj in spaces.items() for name in dir(obj)
                  if not name.startswith("__") and callable(getattr(obj, name, None))}
     operators = {("Tensor", name): getattr(paddle.Tensor, name) for name in dir(paddle.Tensor)
-                 if name.startswith("__") and callable(getattr(paddle.Tensor, name, None))}
+                 if (name.startswith("__") or name == "backward") and callable(getattr(paddle.Tensor, name, None))}
     return {**functions, **operators}
 
 
@@ -87,7 +87,8 @@ def test_every_door_is_patched_inside_the_scope():
         inside = _public_functions()
     changed = {key for key in stock if inside[key] is not stock[key]}
     assert {("_C_ops", "conv2d"), ("_legacy_C_ops", "relu"), ("_legacy_C_ops", "elementwise_add"),
-            ("paddle", "grad"), ("autograd", "grad"), ("Tensor", "__pow__"), ("Tensor", "__rpow__")} <= changed
+            ("paddle", "grad"), ("autograd", "grad"), ("Tensor", "__pow__"), ("Tensor", "__rpow__"),
+            ("Tensor", "backward")} <= changed
 
 
 def test_nested_scopes_release_only_at_the_outermost():
