@@ -108,6 +108,28 @@ def _statistics(layer: nn.Layer) -> list[paddle.Tensor]:
     return list({id(t): t for t in tensors}.values())
 
 
+class ModelOutputs(tuple):
+    """The tuple a model returned, passed on by a learner unchanged except for one thing: an attribute a tuple
+    lacks (``out.shape`` inside ``F.cross_entropy(task(x), y)``, say) raises an `AttributeError` that says the
+    model returned a tuple and how to pick the tensor you meant, instead of ``'tuple' object has no attribute``.
+
+    Example:
+        ```python
+        out = ModelOutputs((paddle.ones([2, 3]), paddle.zeros([2])))
+        logits, extra = out           # a tuple in every other respect
+        ```
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        kinds = ", ".join(f"Tensor{list(v.shape)}" if isinstance(v, paddle.Tensor) else type(v).__name__
+                          for v in self)
+        raise AttributeError(f"the model returned a tuple of {len(self)} values ({kinds}), which has no attribute "
+                             f"{name!r}: pick the one your loss needs, e.g. task(x)[0], or wrap the model in a layer "
+                             "whose forward returns that tensor")
+
+
 class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
     """A meta-learner: a meta-model, task learners cloned from it, inner updates and the meta update.
 
@@ -207,7 +229,8 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             self._warn_untrained_eval_norms()
         try:
             with released.owner(self._graph_tokens[-1] if self._graph_tokens else None):
-                return self.model(*args, **kwargs)
+                out = self.model(*args, **kwargs)
+            return ModelOutputs(out) if type(out) is tuple else out
         except RuntimeError as err:
             integers = [i for i, value in enumerate(args) if isinstance(value, paddle.Tensor)
                         and not value.is_floating_point() and value.dtype != paddle.bool]

@@ -302,6 +302,38 @@ def test_integer_images_into_a_conv_name_the_input_and_the_cast(dtype):
         task(x)
 
 
+class _TwoOutputs(nn.Layer):
+    """A model returning (logits, an auxiliary value), as many PaddleNLP and PaddleSpeech models do."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out, out.mean()
+
+
+TUPLE_LEARNERS = {
+    "MAML": lambda: MAML(_TwoOutputs(mlp((1, 8, 3))), inner_lr=0.1),
+    "MetaSGD": lambda: MetaSGD(_TwoOutputs(mlp((1, 8, 3))), inner_lr=0.1),
+    "ANIL": lambda: ANIL(mlp((1, 8)), _TwoOutputs(nn.Linear(8, 3)), inner_lr=0.1),
+}
+
+
+@pytest.mark.parametrize("learner", sorted(TUPLE_LEARNERS))
+def test_a_tuple_output_in_a_loss_names_the_tuple_and_the_fix(learner):
+    task = TUPLE_LEARNERS[learner]().clone()
+    x, y = paddle.randn([4, 1]), paddle.to_tensor([0, 1, 2, 0])
+    with pytest.raises(AttributeError, match=r"the model returned a tuple of 2 values \(Tensor\[4, 3\], Tensor\[\]\), "
+                                             r"which has no attribute 'shape': pick the one your loss needs, "
+                                             r"e.g. task\(x\)\[0\]"):
+        F.cross_entropy(task(x), y)
+    out, aux = task(x)  # a tuple in every other respect
+    assert isinstance(task(x), tuple) and len(task(x)) == 2 and out.shape == [4, 3] and aux.shape == []
+    task.adapt(F.cross_entropy(task(x)[0], y))
+
+
 def test_integer_inputs_that_the_model_takes_still_work():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
     task = MAML(model, inner_lr=0.1).clone()
