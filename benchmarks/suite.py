@@ -1,13 +1,17 @@
 """Speed suite: paddlefsl's MAML (second and first order) and ANIL on W1, W2 and W2 with 10 inner steps.
 
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/suite.py --iterations 3 --json speed.json --png speed.png
-    ... --peers            # also the PyTorch peers (learn2learn) and plain Paddle, in the same run
+    ... --peers --rounds 3  # also the PyTorch peers and plain Paddle, interleaved, in the same run
 
-Every configuration runs in its own process, one after the other, so each gets a fresh allocator and its own peak
-RSS. The table gives the median seconds per meta-iteration (after one warm-up), tasks per second and the peak RSS;
-with ``--peers`` also learn2learn's time divided by ours (above 1: we are faster) and plain Paddle's first order
-(``paddle_raw.py``). The workload shapes come from ``workload.py`` in ``--bench-dir`` (the same file the peers read).
-Only ratios taken in one run mean something on a shared machine.
+Every configuration runs in its own process, so each gets a fresh allocator and its own peak RSS; with ``--rounds R``
+the whole set of configurations runs R times in turn (A B C A B C ...), so that a change in the machine's load hits
+every configuration alike, and each figure is the median over the rounds. The table gives the median seconds per
+meta-iteration (after one warm-up), tasks per second and the peak RSS. With ``--peers`` it adds learn2learn (second
+and first order), higher and TorchOpt (second order), plain Paddle's first order (``paddle_raw.py``) and our first
+order with the fast kernels switched off (``PADDLEFSL_FAST_KERNELS=0``), and the ratios: learn2learn's time divided
+by ours (above 1: we are faster), our first order against plain Paddle's, and for W2 the share of the machine's
+peak (``W2_PEAK_S``). The workload shapes come from ``workload.py`` in ``--bench-dir`` (the same file the peers
+read). Only ratios taken in one run mean something on a shared machine.
 """
 from __future__ import annotations
 
@@ -24,6 +28,11 @@ import tempfile
 import time
 
 ALGORITHMS = {"maml2": "MAML 2nd", "maml1": "MAML 1st", "anil": "ANIL 2nd"}
+PEERS = (("l2l", "second", "learn2learn MAML 2nd"), ("l2l", "first", "learn2learn MAML 1st"),
+         ("higher", "second", "higher MAML 2nd"), ("torchopt", "second", "TorchOpt MAML 2nd"))
+# Issue 19's estimate for W2: about 88 GFLOP per second-order meta-iteration, about 0.55 s at this machine's peak.
+W2_PEAK_S = {"W2": 0.55}
+FAST_OFF = "paddlefsl MAML 1st, fast kernels off"
 WORKLOADS = ("W1", "W2", "W2x10")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,13 +131,34 @@ def measure_peer(script: str, args: list[str], python: str, bench_dir: str, work
 
 def table(results: list[dict]) -> str:
     """A Markdown table of the results (one row per workload and implementation)."""
-    rows = ["| workload | implementation | s / meta-iteration | tasks / s | peak RSS MiB | learn2learn s / ours |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| workload | implementation | s / meta-iteration | tasks / s | peak RSS MiB | learn2learn s / ours | "
+            "notes |", "|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = f"{r['l2l_over_ours']:.2f}" if r.get("l2l_over_ours") else ""
+        notes = []
+        if r.get("over_plain_paddle") is not None:
+            notes.append(f"{100 * (r['over_plain_paddle'] - 1):+.0f}% against plain Paddle 1st")
+        if r.get("peak_fraction") is not None:
+            notes.append(f"{100 * r['peak_fraction']:.0f}% of peak")
         rows.append(f"| {r['workload']} | {r['implementation']} | {r['median_s']:.3f} | {r['tasks_per_s']:.2f} | "
-                    f"{r['peak_rss_mib']:.0f} | {ratio} |")
+                    f"{r['peak_rss_mib']:.0f} | {ratio} | {'; '.join(notes)} |")
     return "\n".join(rows)
+
+
+def ratios(results: list[dict]) -> None:
+    """Add ``l2l_over_ours``, ``over_plain_paddle`` and ``peak_fraction`` to the rows of ``results`` (in place)."""
+    def find(w: str, name: str) -> dict | None:
+        return next((r for r in results if r["workload"] == w and r["implementation"] == name), None)
+
+    for r in results:
+        w, name = r["workload"], r["implementation"]
+        for ours, peer in (("paddlefsl MAML 2nd", "learn2learn MAML 2nd"), ("paddlefsl MAML 1st", "learn2learn MAML 1st")):
+            if name == ours and find(w, peer):
+                r["l2l_over_ours"] = find(w, peer)["median_s"] / r["median_s"]
+        if name in ("paddlefsl MAML 1st", FAST_OFF) and find(w, "plain Paddle 1st"):
+            r["over_plain_paddle"] = r["median_s"] / find(w, "plain Paddle 1st")["median_s"]
+        if w in W2_PEAK_S and name.endswith("2nd"):
+            r["peak_fraction"] = W2_PEAK_S[w] / r["median_s"]
 
 
 def chart(results: list[dict], path: str) -> None:
@@ -164,7 +194,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iterations", type=int, default=3, help="timed meta-iterations after one warm-up")
     parser.add_argument("--meta-batch", type=int, default=None, help="override the workloads' meta-batch size")
     parser.add_argument("--bench-dir", default=os.path.join(_HERE, "..", "..", "shared", "bench"))
-    parser.add_argument("--peers", action="store_true", help="also time learn2learn and plain Paddle")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time learn2learn, higher, TorchOpt, plain Paddle and our first order without the "
+                             "fast kernels")
+    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn")
     parser.add_argument("--peer-python", default="/tmp/peers/bin/python",
                         help="a Python with torch and learn2learn (see the bench README)")
     parser.add_argument("--json", help="write the results here")
@@ -173,6 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.iterations < 1:
         parser.error("--iterations must be at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     workloads = load_workloads(os.path.abspath(args.bench_dir))
     if args.meta_batch is not None:
         workloads = {k: dict(v, meta_batch=args.meta_batch) for k, v in workloads.items()}
@@ -184,30 +219,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.peers and not os.path.exists(args.peer_python):
         parser.error(f"--peers: no Python at {args.peer_python}; install the peers as the bench README says or "
                      "pass --peer-python")
-    results = []
+    bench_dir = os.path.abspath(args.bench_dir)
+    jobs = []  # (workload, implementation, function returning {"median_s", "peak_rss_mib", ...})
     for w in args.workloads:
-        W = workloads[w]
-        ours = {}
         for algorithm in args.algorithms:
-            r = measure_ours(w, algorithm, args.iterations, os.path.abspath(args.bench_dir), args.meta_batch, env)
-            ours[algorithm] = r
-            results.append(dict(r, workload=w, implementation=f"paddlefsl {ALGORITHMS[algorithm]}"))
+            jobs.append((w, f"paddlefsl {ALGORITHMS[algorithm]}",
+                         lambda w=w, a=algorithm: measure_ours(w, a, args.iterations, bench_dir, args.meta_batch, env)))
         if args.peers:
-            for algorithm, order in (("maml2", "second"), ("maml1", "first")):
-                peer = measure_peer("peer_torch.py", [w, "l2l", order, str(args.iterations)], args.peer_python,
-                                    os.path.abspath(args.bench_dir), workloads, env)
-                label = {"second": "learn2learn MAML 2nd", "first": "learn2learn MAML 1st"}[order]
-                results.append(dict(peer, workload=w, implementation=label))
-                if algorithm in ours:
-                    ours_row = next(r for r in results if r["workload"] == w
-                                    and r["implementation"] == f"paddlefsl {ALGORITHMS[algorithm]}")
-                    ours_row["l2l_over_ours"] = peer["median_s"] / ours_row["median_s"]
-            raw = measure_peer("paddle_raw.py", [w, str(args.iterations)], sys.executable,
-                               os.path.abspath(args.bench_dir), workloads, env)
-            results.append(dict(raw, workload=w, implementation="plain Paddle 1st"))
-        for r in results:
-            if r["workload"] == w:
-                r["tasks_per_s"] = W["meta_batch"] / r["median_s"]
+            for lib, order, label in PEERS:
+                jobs.append((w, label, lambda w=w, lib=lib, order=order: measure_peer(
+                    "peer_torch.py", [w, lib, order, str(args.iterations)], args.peer_python, bench_dir, workloads,
+                    env)))
+            jobs.append((w, "plain Paddle 1st", lambda w=w: measure_peer(
+                "paddle_raw.py", [w, str(args.iterations)], sys.executable, bench_dir, workloads, env)))
+            jobs.append((w, FAST_OFF, lambda w=w: measure_ours(w, "maml1", args.iterations, bench_dir,
+                                                               args.meta_batch, dict(env, PADDLEFSL_FAST_KERNELS="0"))))
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for w, name, run in jobs:
+            runs.setdefault((w, name), []).append(run())
+    results = []
+    for (w, name), rs in runs.items():
+        row = {"workload": w, "implementation": name, "median_s": statistics.median(r["median_s"] for r in rs),
+               "round_medians_s": [r["median_s"] for r in rs], "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+               "tasks_per_s": workloads[w]["meta_batch"] / statistics.median(r["median_s"] for r in rs)}
+        if len(rs) == 1 and "times_s" in rs[0]:
+            row["times_s"] = rs[0]["times_s"]
+        results.append(row)
+    ratios(results)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

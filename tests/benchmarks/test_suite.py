@@ -63,3 +63,37 @@ def test_table_and_chart(tmp_path):
 def test_peers_need_their_python(tmp_path):
     with pytest.raises(SystemExit):
         _suite().main(["--peers", "--peer-python", str(tmp_path / "none"), "--bench-dir", BENCH_DIR])
+
+
+def test_ratios_against_the_peers_plain_paddle_and_the_peak():
+    suite = _suite()
+    rows = [dict(workload="W2", implementation=name, median_s=t, tasks_per_s=4 / t, peak_rss_mib=1.0)
+            for name, t in [("paddlefsl MAML 2nd", 5.5), ("learn2learn MAML 2nd", 2.75), ("paddlefsl MAML 1st", 2.2),
+                            ("learn2learn MAML 1st", 2.2), ("plain Paddle 1st", 2.0), (suite.FAST_OFF, 2.1)]]
+    suite.ratios(rows)
+    by = {r["implementation"]: r for r in rows}
+    assert by["paddlefsl MAML 2nd"]["l2l_over_ours"] == pytest.approx(0.5)
+    assert by["paddlefsl MAML 2nd"]["peak_fraction"] == pytest.approx(0.1)
+    assert by["paddlefsl MAML 1st"]["l2l_over_ours"] == pytest.approx(1.0)
+    assert by[suite.FAST_OFF]["over_plain_paddle"] == pytest.approx(1.05)
+    assert "l2l_over_ours" not in by["learn2learn MAML 2nd"]
+    text = suite.table(rows)
+    assert "| W2 | paddlefsl MAML 2nd | 5.500 | 0.73 | 1 | 0.50 | 10% of peak |" in text
+    assert f"| W2 | {suite.FAST_OFF} | 2.100 | 1.90 | 1 |  | +5% against plain Paddle 1st |" in text
+
+
+def test_rounds_interleave_and_take_the_median(monkeypatch, tmp_path):
+    suite = _suite()
+    order, times = [], iter([3.0, 1.0, 5.0, 2.0, 4.0, 9.0])
+
+    def fake(workload, algorithm, iterations, bench_dir, meta_batch, env):
+        order.append(algorithm)
+        return {"median_s": next(times), "times_s": [0.0], "peak_rss_mib": 10.0}
+
+    monkeypatch.setattr(suite, "measure_ours", fake)
+    results = suite.main(["--workloads", "W1", "--algorithms", "maml2", "maml1", "--rounds", "3",
+                          "--bench-dir", BENCH_DIR])
+    assert order == ["maml2", "maml1"] * 3
+    by = {r["implementation"]: r for r in results}
+    assert by["paddlefsl MAML 2nd"]["median_s"] == 4.0 and by["paddlefsl MAML 2nd"]["round_medians_s"] == [3.0, 5.0, 4.0]
+    assert by["paddlefsl MAML 1st"]["median_s"] == 2.0
