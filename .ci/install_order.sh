@@ -8,19 +8,7 @@ work="${1:-$(mktemp -d)}"
 nlp=(paddlenlp==2.8.1 "huggingface_hub<0.25" aistudio-sdk==0.2.6 "datasets<3" "pyarrow<16" "numpy<2")
 
 check() {  # $1: venv; our paddlefsl from this checkout, version 2.x, and PaddleNLP imports
-    (cd "$work" && "$1/bin/python" - "$repo" <<'PY'
-import os, sys
-import paddlefsl
-import paddlenlp
-from importlib.metadata import version
-repo = os.path.realpath(sys.argv[1])
-assert os.path.realpath(paddlefsl.__file__).startswith(repo), f"paddlefsl imported from {paddlefsl.__file__}"
-assert version("paddlefsl").startswith("2."), f"paddlefsl version {version('paddlefsl')}"
-from paddlefsl.metaopt import MAML  # noqa: F401  (the 1.x package has no metaopt)
-from paddlenlp.transformers import ErnieModel  # noqa: F401
-print(f"ok: paddlefsl {version('paddlefsl')} from {os.path.dirname(paddlefsl.__file__)}, paddlenlp {paddlenlp.__version__}")
-PY
-    )
+    (cd "$work" && "$1/bin/python" "$repo/.ci/check_install.py" "$repo")
 }
 
 for order in ours-first nlp-first; do
@@ -34,7 +22,7 @@ for order in ours-first nlp-first; do
         # paddlefsl==1.1.0 is what PyPI resolves PaddleNLP's unversioned `paddlefsl` to (a local wheel cache might
         # offer a build of this checkout instead); name it so that this order really starts from the old package.
         "$venv/bin/pip" install --quiet "paddlepaddle>=3.0" "${nlp[@]}" paddlefsl==1.1.0
-        (cd "$work" && "$venv/bin/python" -c "from importlib.metadata import version; v = version('paddlefsl'); print('PaddleNLP alone brought paddlefsl', v); assert v.startswith('1.')")
+        (cd "$work" && "$venv/bin/python" "$repo/.ci/check_install.py" --old)
         "$venv/bin/pip" install --quiet -e "$repo[cpu,test]"
     fi
     echo -n "$order: "
