@@ -113,3 +113,60 @@ def test_self_check_passes_and_compares_only_once(fast_on, monkeypatch):
     second = kernels.conv2d(x, w, [1, 1], [1, 1, 1, 1], stock)
     assert references == [1] and kernels.self_check_failures() == []
     np.testing.assert_array_equal(first.numpy(), second.numpy())
+
+
+@needs_onednn
+def test_relu_backward_choice(fast_on, monkeypatch):
+    n = kernels.MIN_ELEMENTS
+    x, g = paddle.randn([n], dtype="float32"), paddle.randn([n], dtype="float32")
+    assert kernels.relu_backward_supported(x, g)
+    assert not kernels.relu_backward_supported(x[:-1], g[:-1])                        # too small
+    assert not kernels.relu_backward_supported(x.astype("float64"), g.astype("float64"))  # float64
+    assert not kernels.relu_backward_supported(x, g.reshape([2, -1]))                  # shapes differ
+    set_fast_kernels(False)
+    assert not kernels.relu_backward_supported(x, g)                                   # switched off
+    set_fast_kernels(True)
+    monkeypatch.setattr(onednn, "available", lambda: False)                            # library missing
+    assert not kernels.relu_backward_supported(x, g)
+
+
+@needs_onednn
+def test_relu_backward_self_check_rejects_a_wrong_kernel(fast_on, monkeypatch):
+    x, g = paddle.randn([3, 5, 7], dtype="float32"), paddle.randn([3, 5, 7], dtype="float32")
+    stock = lambda: paddle._C_ops.relu_grad(x, g)
+    calls = []
+    monkeypatch.setattr(onednn, "relu_backward", lambda *a: calls.append(1) or stock() * 2.0)
+    monkeypatch.setattr(kernels, "_checked", {})
+    with pytest.warns(RuntimeWarning, match="disagrees with Paddle's kernel"):
+        got = kernels.relu_backward(x, g, stock)
+    np.testing.assert_array_equal(got.numpy(), stock().numpy())
+    kernels.relu_backward(x, g, stock)
+    assert calls == [1] and len(kernels.self_check_failures()) == 1
+
+
+@pytest.mark.parametrize("fast,size,dtype,expected", [
+    (True, kernels.MIN_ELEMENTS, "float32", 3), (True, kernels.MIN_ELEMENTS - 1, "float32", 0),
+    (True, kernels.MIN_ELEMENTS, "float64", 0), (False, kernels.MIN_ELEMENTS, "float32", 0)])
+def test_relu_rule_calls_onednn_only_when_supported(fast, size, dtype, expected, monkeypatch):
+    """The exact ReLU rule sends its backward (and the backward of that) to oneDNN for large float32 tensors with
+    the fast path on, and gives Paddle's values either way."""
+    if fast and not onednn.available():
+        pytest.skip("oneDNN not loadable")
+    from paddlefsl.metaopt.autodiff import exact_ops
+    calls = []
+    real = onednn.relu_backward
+    monkeypatch.setattr(onednn, "relu_backward", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal(size), dtype=dtype, stop_gradient=False)
+    previous = set_fast_kernels(fast)
+    try:
+        with exact_ops():
+            y = paddle.nn.functional.relu(x)
+            (g,) = paddle.grad((y * y * y).sum(), [x], create_graph=True)
+            (h,) = paddle.grad((g * g).sum(), [x])
+    finally:
+        set_fast_kernels(previous)
+    assert len(calls) == expected
+    xn = x.numpy().astype(np.float64)
+    np.testing.assert_allclose(g.numpy(), 3 * np.maximum(xn, 0) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(h.numpy(), 36 * np.maximum(xn, 0) ** 3, rtol=1e-5)
