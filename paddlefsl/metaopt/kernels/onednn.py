@@ -7,7 +7,9 @@ Float32 NCHW kernels with plain (contiguous) Paddle tensors in and out:
   to and from them;
 * 2-D max pooling: forward (the value and oneDNN's workspace, the position of each window's maximum) and backward
   (the output gradient scattered to those positions), on the plain layout;
-* ReLU: forward and backward (``g * (x > 0)``), on the plain layout.
+* ReLU: forward and backward (``g * (x > 0)``), on the plain layout;
+* batch normalization with batch statistics and an affine transform: forward (training) and backward, on the
+  plain layout.
 
 Plans are built once per shape and cached. No compiler and no extra dependency: only the C API that the library
 exports.
@@ -25,7 +27,8 @@ import paddle
 
 __all__ = ["available", "load_error", "Conv2dPlan", "MaxPool2dPlan", "ReluPlan", "conv2d_forward",
            "conv2d_backward_data", "conv2d_backward_weights", "max_pool2d_forward", "max_pool2d_backward",
-           "relu_forward", "relu_backward", "version"]
+           "relu_forward", "relu_backward", "BatchNormPlan", "batch_norm_forward", "batch_norm_backward",
+           "version"]
 
 _MAX_NDIMS = 12
 _F32 = 3
@@ -44,6 +47,9 @@ _POOLING_MAX = 0x1FF
 _QUERY = {"src": 129, "diff_src": 130, "weights": 131, "diff_weights": 132, "dst": 133, "diff_dst": 134,
           "workspace": 135}
 _ARG = {"src": 1, "dst": 17, "weights": 33, "workspace": 64, "diff_src": 129, "diff_dst": 145, "diff_weights": 161}
+_ARG.update({"mean": 49, "variance": 50, "scale": 51, "shift": 52, "diff_scale": 255, "diff_shift": 256})
+_BACKWARD = 128
+_USE_SCALE_SHIFT = 0x2 | 0x4
 _ARG_FROM, _ARG_TO = 1, 17
 
 _Dims = ctypes.c_int64 * _MAX_NDIMS
@@ -317,6 +323,39 @@ class ReluPlan:
         lib.lib.dnnl_primitive_desc_destroy(bwd)
 
 
+class BatchNormPlan:
+    """Cached oneDNN primitives for training-mode batch normalization of one float32 NCHW shape (batch statistics,
+    biased variance, scale and shift), plain layout: forward (value, batch mean and variance) and backward (input,
+    scale and shift gradients).
+
+    Args:
+        shape: ``[N, C, H, W]``.
+        epsilon: added to the variance.
+    """
+
+    def __init__(self, shape, epsilon: float) -> None:
+        lib = _library()
+        self.shape = [int(d) for d in shape]
+        md, c_md = lib.plain_md(self.shape), lib.plain_md([self.shape[1]])
+        eps, flags = ctypes.c_float(epsilon), ctypes.c_uint(_USE_SCALE_SHIFT)
+        fwd = _vp()
+        lib.check(lib.lib.dnnl_batch_normalization_forward_primitive_desc_create(
+            ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, md, md, eps, flags, None),
+            "batch_normalization_forward_primitive_desc_create")
+        bwd = _vp()
+        lib.check(lib.lib.dnnl_batch_normalization_backward_primitive_desc_create(
+            ctypes.byref(bwd), lib.engine, _BACKWARD, md, md, md, eps, flags, fwd, None),
+            "batch_normalization_backward_primitive_desc_create")
+        stat = {k: (_ARG[k], c_md) for k in ("scale", "mean", "variance")}
+        self.forward = _PlainPrimitive(lib, fwd, {"x": (_ARG["src"], md), "y": (_ARG["dst"], md),
+                                                  "shift": (_ARG["shift"], c_md), **stat})
+        self.backward = _PlainPrimitive(lib, bwd, {"x": (_ARG["src"], md), "gy": (_ARG["diff_dst"], md),
+                                                   "gx": (_ARG["diff_src"], md), "gscale": (_ARG["diff_scale"], c_md),
+                                                   "gshift": (_ARG["diff_shift"], c_md), **stat})
+        lib.lib.dnnl_primitive_desc_destroy(fwd)
+        lib.lib.dnnl_primitive_desc_destroy(bwd)
+
+
 _LIB: _Library | None = None
 _LOAD_ERROR: str | None = None
 _PLANS: dict = {}
@@ -442,3 +481,27 @@ def relu_backward(x: paddle.Tensor, gy: paddle.Tensor) -> paddle.Tensor:
     gx = paddle.empty(x.shape, dtype="float32")
     _relu_plan(x.shape).backward(x=x, gy=gy, gx=gx)
     return gx
+
+
+def _batch_norm_plan(shape: Sequence[int], epsilon: float) -> BatchNormPlan:
+    return _cached(("batch_norm", tuple(shape), float(epsilon)), lambda: BatchNormPlan(shape, epsilon))
+
+
+def batch_norm_forward(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor,
+                       epsilon: float) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """Training-mode batch norm of a contiguous float32 NCHW ``x``: ``(y, batch mean, biased batch variance)``."""
+    c = [int(x.shape[1])]
+    y, mean, variance = paddle.empty(x.shape, "float32"), paddle.empty(c, "float32"), paddle.empty(c, "float32")
+    _batch_norm_plan(x.shape, epsilon).forward(x=x, y=y, scale=scale, shift=shift, mean=mean, variance=variance)
+    return y, mean, variance
+
+
+def batch_norm_backward(x: paddle.Tensor, gy: paddle.Tensor, scale: paddle.Tensor, mean: paddle.Tensor,
+                        variance: paddle.Tensor, epsilon: float) -> tuple[paddle.Tensor, ...]:
+    """The gradients ``(gx, gscale, gshift)`` of training-mode batch norm for the output gradient ``gy``, given the
+    batch statistics that `batch_norm_forward` returned."""
+    c = [int(x.shape[1])]
+    gx, gscale, gshift = paddle.empty(x.shape, "float32"), paddle.empty(c, "float32"), paddle.empty(c, "float32")
+    _batch_norm_plan(x.shape, epsilon).backward(x=x, gy=gy, scale=scale, mean=mean, variance=variance, gx=gx,
+                                                gscale=gscale, gshift=gshift)
+    return gx, gscale, gshift

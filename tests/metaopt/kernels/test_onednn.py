@@ -100,3 +100,25 @@ def test_max_pool_equals_paddle(x_shape, kernel, stride, pads):
     gy = paddle.to_tensor(rng.standard_normal(y.shape), dtype="float32")
     gx = paddle._C_ops.max_pool2d_with_index_grad(x, mask, gy, kernel, stride, pads[0::2], False, False, False)
     _close(onednn.max_pool2d_backward(gy, ws, x_shape, kernel, stride, pads), gx)
+
+
+@pytest.mark.parametrize("shape", [[5, 32, 21, 21], [3, 4, 5, 6]])
+def test_batch_norm_equals_paddle(shape):
+    """Training-mode forward (value and batch statistics) and backward against Paddle's kernels."""
+    rng = np.random.default_rng(3)
+    x = paddle.to_tensor(rng.standard_normal(shape) * 2 + 1, dtype="float32")
+    c = shape[1]
+    w = paddle.to_tensor(0.5 + rng.random(c), dtype="float32")
+    b = paddle.to_tensor(rng.standard_normal(c), dtype="float32")
+    gy = paddle.to_tensor(rng.standard_normal(shape), dtype="float32")
+    outs = paddle._C_ops.batch_norm(x, paddle.zeros([c], "float32"), paddle.ones([c], "float32"), w, b, False, 0.9,
+                                    1e-5, "NCHW", False, False)
+    y, mean, variance = onednn.batch_norm_forward(x, w, b, 1e-5)
+    _close(y, outs[0])
+    _close(mean, outs[3])
+    want_var = x.numpy().astype(np.float64).var(axis=(0, 2, 3))
+    np.testing.assert_allclose(variance.numpy(), want_var, rtol=1e-5)
+    grads = paddle._C_ops.batch_norm_grad(x, w, b, outs[1], outs[2], outs[3], outs[4], outs[5], gy, 0.9, 1e-5,
+                                          "NCHW", False, False, False)
+    for got, want in zip(onednn.batch_norm_backward(x, gy, w, mean, variance, 1e-5), grads):
+        _close(got, want)
