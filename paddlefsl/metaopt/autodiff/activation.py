@@ -15,7 +15,6 @@ import paddle
 import paddle.nn.functional as F
 from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
-from paddlefsl.metaopt import kernels
 from paddlefsl.metaopt.autodiff.common import pointwise
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock
 
@@ -170,22 +169,13 @@ def selu(x, scale=1.0507009873554804934193349852946, alpha=1.6732632423543772848
     return pointwise("selu", x, (scale, alpha), deriv)
 
 
-def _relu_mask(g: paddle.Tensor, x: paddle.Tensor) -> paddle.Tensor:
-    """``g * (x > 0)``: oneDNN's ReLU backward where `paddlefsl.metaopt.kernels` supports it, else the stock
-    ``relu_grad`` kernel (``relu_grad(out, dout)`` reads only ``out > 0``, and ``out > 0`` iff ``x > 0``)."""
-    stock = lambda: original("relu_grad")(x, g)
-    if kernels.relu_backward_supported(x, g):
-        return kernels.relu_backward(x, g, stock)
-    return stock()
-
-
 class _ReluMask(GuardedPyLayer):
-    """``g -> g * (x > 0)`` for a fixed ``x``: one kernel; the map is its own adjoint."""
+    """``g -> g * (x > 0)`` for a fixed ``x``: one stock ``relu_grad`` kernel; the map is its own adjoint."""
 
     @staticmethod
     def forward(ctx, g, x):
         ctx.x = x
-        return _relu_mask(g, x)
+        return original("relu_grad")(x, g)  # relu_grad(out, dout) reads only out > 0, and out > 0 iff x > 0
 
     @staticmethod
     def backward(ctx, grad):

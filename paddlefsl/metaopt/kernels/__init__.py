@@ -1,16 +1,15 @@
 """Fast CPU kernels the exact op layer may call for the value of a rule (used only by ``autodiff/``).
 
-Today: the three float32 2-D convolution kernels (forward, backward data, backward weights) and the ReLU backward
-(``g * (x > 0)``) through the oneDNN library that the Paddle CPU wheel ships (`paddlefsl.metaopt.kernels.onednn`).
-A kernel is used when all of these hold, otherwise the rule calls Paddle's own kernel:
+Today: the three float32 2-D convolution kernels (forward, backward data, backward weights) through the oneDNN
+library that the Paddle CPU wheel ships (`paddlefsl.metaopt.kernels.onednn`). A kernel is used when all of
+these hold, otherwise the rule calls Paddle's own kernel:
 
 * the fast path is on: the environment variable ``PADDLEFSL_FAST_KERNELS`` is not ``0`` (read at import) and
   `set_fast_kernels` did not turn it off;
 * oneDNN 3 loads from ``paddle/libs/libdnnl.so.3``;
-* float32 tensors on the CPU; for a convolution NCHW, one group, dilation 1;
-* the call is large enough (`MIN_MACS` multiply-adds for a convolution, `MIN_ELEMENTS` elements for the ReLU
-  backward): below that, oneDNN's per-call overhead (about 0.1 ms through ``ctypes``) costs more than Paddle's
-  kernel;
+* float32 tensors on the CPU, NCHW, one group, dilation 1;
+* the convolution is large enough (`MIN_MACS` multiply-adds): below that, oneDNN's per-call overhead (about
+  0.1 ms through ``ctypes``) costs more than Paddle's kernel;
 * the plan for that shape passed its one-time self-check: its first result is compared with Paddle's own kernel on
   the same inputs; a plan that disagrees is never used (a warning says so).
 
@@ -30,15 +29,12 @@ import paddle
 
 from paddlefsl.metaopt.kernels import onednn
 
-__all__ = ["MIN_ELEMENTS", "MIN_MACS", "fast_kernels_enabled", "set_fast_kernels", "conv2d", "conv2d_backward_data",
-           "conv2d_backward_weights", "conv2d_supported", "relu_backward", "relu_backward_supported",
-           "self_check_failures"]
+__all__ = ["MIN_MACS", "fast_kernels_enabled", "set_fast_kernels", "conv2d", "conv2d_backward_data",
+           "conv2d_backward_weights", "conv2d_supported", "self_check_failures"]
 
 ENV = "PADDLEFSL_FAST_KERNELS"
 MIN_MACS = 1 << 20
 """Smallest convolution (multiply-adds, ``N * O * h * w * C * kh * kw``) sent to oneDNN."""
-MIN_ELEMENTS = 1 << 16
-"""Smallest tensor (elements) whose ReLU backward is sent to oneDNN."""
 
 _enabled = os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 _checked: dict = {}
@@ -86,13 +82,6 @@ def conv2d_supported(x: paddle.Tensor, w: paddle.Tensor, dilation: Sequence[int]
     return (_enabled and not channel_last and int(groups) == 1 and all(int(d) == 1 for d in dilation)
             and x.ndim == 4 and x.dtype == paddle.float32 and w.dtype == paddle.float32
             and x.place.is_cpu_place() and w.place.is_cpu_place() and macs >= MIN_MACS and onednn.available())
-
-
-def relu_backward_supported(x: paddle.Tensor, g: paddle.Tensor) -> bool:
-    """Whether ``g * (x > 0)`` goes to oneDNN (float32 CPU tensors of one shape, at least `MIN_ELEMENTS`)."""
-    return (_enabled and x.dtype == paddle.float32 and g.dtype == paddle.float32 and list(x.shape) == list(g.shape)
-            and x.place.is_cpu_place() and g.place.is_cpu_place() and int(np.prod(x.shape)) >= MIN_ELEMENTS
-            and onednn.available())
 
 
 def _checked_call(key: tuple, fast: Callable[[], paddle.Tensor],
@@ -145,9 +134,3 @@ def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequen
     key = ("conv2d_backward_weights", tuple(x.shape), tuple(gy.shape), tuple(w_shape), tuple(stride), tuple(pads))
     return _checked_call(key, lambda: onednn.conv2d_backward_weights(_contiguous(x), _contiguous(gy), w_shape,
                                                                      stride, pads), reference)
-
-
-def relu_backward(x: paddle.Tensor, g: paddle.Tensor, reference: Callable[[], paddle.Tensor]) -> paddle.Tensor:
-    """``g * (x > 0)`` on oneDNN (check `relu_backward_supported` first); ``reference()`` is Paddle's."""
-    key = ("relu_backward", tuple(x.shape))
-    return _checked_call(key, lambda: onednn.relu_backward(_contiguous(x), _contiguous(g)), reference)

@@ -330,20 +330,20 @@ def test_float32_conv_bn_relu_pool_block_gives_the_float64_derivatives(fast, mon
     """One W2 block (convolution, training-mode batch norm, ReLU, 2x2 max pooling) in float32, large enough for the
     fast kernels: gradient, Hessian-vector product and third order agree with the float64 rules (exact: checked
     against finite differences above and in test_conv/test_activation/test_pool), with the fast path on and off;
-    the fused batch_norm_grad kernel runs either way (in the backward that records no graph), oneDNN's ReLU
-    backward only when the fast path is on."""
+    the fused batch_norm_grad kernel runs either way (in the backward that records no graph), oneDNN's
+    convolutions only when the fast path is on."""
     from paddlefsl.metaopt import kernels, set_fast_kernels
     from paddlefsl.metaopt.kernels import onednn
     from tests.metaopt.autodiff.test_conv import _third_order_quantities
     from tests.opcheck import kernel_calls
     if fast and not onednn.available():
         pytest.skip("oneDNN not loadable")
-    relu_calls = []
-    real = onednn.relu_backward
-    monkeypatch.setattr(onednn, "relu_backward", lambda *a: relu_calls.append(a[0].dtype) or real(*a))
+    conv_calls = []
+    real = onednn.conv2d_forward
+    monkeypatch.setattr(onednn, "conv2d_forward", lambda *a: conv_calls.append(a[0].dtype) or real(*a))
     rng = np.random.default_rng(4)
     x = paddle.to_tensor(rng.standard_normal((4, 3, 48, 48)))
-    assert 4 * 8 * 48 * 48 >= kernels.MIN_ELEMENTS
+    assert 4 * 8 * 48 * 48 * 3 * 9 >= kernels.MIN_MACS
     arrays = [rng.standard_normal((8, 3, 3, 3)) * 0.3, 0.5 + rng.random(8), 0.1 * rng.standard_normal(8)]
 
     def f(w, scale, shift):
@@ -356,12 +356,12 @@ def test_float32_conv_bn_relu_pool_block_gives_the_float64_derivatives(fast, mon
     try:
         with exact_ops(), kernel_calls() as calls:
             want = _third_order_quantities(f, arrays, "float64")
-            assert relu_calls == []  # float64 never goes to oneDNN
+            assert conv_calls == []  # float64 never goes to oneDNN
             got = _third_order_quantities(f, arrays, "float32")
     finally:
         set_fast_kernels(previous)
     assert calls["batch_norm_grad"] > 0
-    assert len(relu_calls) > 0 if fast else relu_calls == []
+    assert len(conv_calls) > 0 if fast else conv_calls == []
     for g, w in zip(got, want):
         scale = float(np.abs(w).max())
         np.testing.assert_allclose(g, w, rtol=0, atol=5e-4 * scale)
