@@ -14,8 +14,10 @@ Float32 NCHW kernels with plain (contiguous) Paddle tensors in and out:
 Plans are built once per shape and cached. No compiler and no extra dependency: only the C API that the library
 exports.
 
-These are raw kernels (no autograd): the rules of `paddlefsl.metaopt.autodiff` call them only to compute the value
-of a rule whose gradients are written in differentiable ops (or in PyLayers that are each other's gradient).
+These are raw kernels (no autograd). The convolutions compute the value of the conv rules of
+`paddlefsl.metaopt.autodiff.conv`, whose gradients are written in differentiable ops. The batch-norm, max-pooling and
+ReLU kernels are not used by any rule: on the W2 shapes they were slower than Paddle's or made no measurable
+difference (``docs/speed.md``); ``benchmarks/onednn_kernels.py`` times them against Paddle's.
 """
 from __future__ import annotations
 
