@@ -1,12 +1,23 @@
-"""oneDNN convolutions through ``ctypes``: the ``libdnnl.so.3`` that the Paddle CPU wheel ships.
+"""oneDNN kernels through ``ctypes``: the ``libdnnl.so.3`` that the Paddle CPU wheel ships.
 
-Three float32 NCHW kernels with plain (contiguous) Paddle tensors in and out: the convolution, its adjoint in the
-input (backward data, i.e. the transposed convolution) and its adjoint in the weight (backward weights). oneDNN
-picks its own (blocked) layouts; the plan for one shape reorders to and from them. Plans are built once per shape
-and cached. No compiler and no extra dependency: only the C API that the library exports.
+Float32 NCHW kernels with plain (contiguous) Paddle tensors in and out:
 
-These are raw kernels (no autograd): `paddlefsl.metaopt.autodiff.conv` calls them only to compute the value
-of a rule whose gradients are written in differentiable ops.
+* convolution: the convolution, its adjoint in the input (backward data, i.e. the transposed convolution) and its
+  adjoint in the weight (backward weights). oneDNN picks its own (blocked) layouts; the plan for one shape reorders
+  to and from them;
+* 2-D max pooling: forward (the value and oneDNN's workspace, the position of each window's maximum) and backward
+  (the output gradient scattered to those positions), on the plain layout;
+* ReLU: forward and backward (``g * (x > 0)``), on the plain layout;
+* batch normalization with batch statistics and an affine transform: forward (training) and backward, on the
+  plain layout.
+
+Plans are built once per shape and cached. No compiler and no extra dependency: only the C API that the library
+exports.
+
+These are raw kernels (no autograd). The convolutions compute the value of the conv rules of
+`paddlefsl.metaopt.autodiff.conv`, whose gradients are written in differentiable ops. The batch-norm, max-pooling and
+ReLU kernels are not used by any rule: on the W2 shapes they were slower than Paddle's or made no measurable
+difference (``docs/speed.md``); ``benchmarks/onednn_kernels.py`` times them against Paddle's.
 """
 from __future__ import annotations
 
@@ -16,11 +27,16 @@ from typing import Sequence
 
 import paddle
 
-__all__ = ["available", "load_error", "Conv2dPlan", "conv2d_forward", "conv2d_backward_data",
-           "conv2d_backward_weights", "version"]
+__all__ = ["available", "load_error", "Conv2dPlan", "MaxPool2dPlan", "ReluPlan", "conv2d_forward",
+           "conv2d_backward_data", "conv2d_backward_weights", "max_pool2d_forward", "max_pool2d_backward",
+           "relu_forward", "relu_backward", "BatchNormPlan", "batch_norm_forward", "batch_norm_backward",
+           "version"]
 
 _MAX_NDIMS = 12
 _F32 = 3
+_S32 = 4
+_U8 = 6
+_DTYPES = {_F32: "float32", _S32: "int32", _U8: "uint8"}
 _FORMAT_ANY = 1
 _CPU = 1
 _STREAM_IN_ORDER = 1
@@ -28,8 +44,14 @@ _FORWARD_TRAINING = 64
 _BACKWARD_DATA = 160
 _BACKWARD_WEIGHTS = 192
 _CONVOLUTION_DIRECT = 1
-_QUERY = {"src": 129, "diff_src": 130, "weights": 131, "diff_weights": 132, "dst": 133, "diff_dst": 134}
-_ARG = {"src": 1, "dst": 17, "weights": 33, "diff_src": 129, "diff_dst": 145, "diff_weights": 161}
+_ELTWISE_RELU = 0x20
+_POOLING_MAX = 0x1FF
+_QUERY = {"src": 129, "diff_src": 130, "weights": 131, "diff_weights": 132, "dst": 133, "diff_dst": 134,
+          "workspace": 135}
+_ARG = {"src": 1, "dst": 17, "weights": 33, "workspace": 64, "diff_src": 129, "diff_dst": 145, "diff_weights": 161}
+_ARG.update({"mean": 49, "variance": 50, "scale": 51, "shift": 52, "diff_scale": 255, "diff_shift": 256})
+_BACKWARD = 128
+_USE_SCALE_SHIFT = 0x2 | 0x4
 _ARG_FROM, _ARG_TO = 1, 17
 
 _Dims = ctypes.c_int64 * _MAX_NDIMS
@@ -71,15 +93,15 @@ class _Library:
         if status != 0:
             raise RuntimeError(f"oneDNN {what} failed with status {status}")
 
-    def plain_md(self, shape: Sequence[int]) -> _vp:
-        """A float32 memory descriptor of a contiguous row-major tensor."""
+    def plain_md(self, shape: Sequence[int], dtype: int = _F32) -> _vp:
+        """A memory descriptor (float32 unless ``dtype`` says otherwise) of a contiguous row-major tensor."""
         dims, strides = _Dims(*shape), _Dims()
         step = 1
         for i in reversed(range(len(shape))):
             strides[i] = step
             step *= int(shape[i])
         md = _vp()
-        self.check(self.lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), dims, _F32, strides),
+        self.check(self.lib.dnnl_memory_desc_create_with_strides(ctypes.byref(md), len(shape), dims, dtype, strides),
                    "memory_desc_create_with_strides")
         return md
 
@@ -200,6 +222,142 @@ class Conv2dPlan:
         return out
 
 
+class _PlainPrimitive:
+    """A oneDNN primitive whose arguments all use the plain (contiguous row-major) layout of Paddle's tensors, so no
+    reorder is needed: the memories are bound to the tensors' data at each call."""
+
+    def __init__(self, lib: _Library, pd: _vp, args: dict[str, tuple[int, _vp]]) -> None:
+        self.lib = lib
+        self.memories = {name: (arg, lib.memory(md, 0)) for name, (arg, md) in args.items()}
+        self.primitive = lib.primitive(pd)
+
+    def __call__(self, **tensors: paddle.Tensor) -> None:
+        lib = self.lib
+        for name, (_, mem) in self.memories.items():
+            lib.lib.dnnl_memory_set_data_handle(mem, _vp(tensors[name].data_ptr()))
+        lib.execute(self.primitive, list(self.memories.values()))
+        lib.check(lib.lib.dnnl_stream_wait(lib.stream), "stream_wait")
+
+
+def _require_plain(lib: _Library, pd: _vp, role: str, plain_md: _vp) -> None:
+    """Raise if the primitive ``pd`` wants another layout than the plain one for ``role``."""
+    chosen = _vp(lib.lib.dnnl_primitive_desc_query_md(pd, _QUERY[role], 0))
+    if not lib.lib.dnnl_memory_desc_equal(plain_md, chosen):
+        raise RuntimeError(f"oneDNN wants a non-plain layout for {role}")
+
+
+class MaxPool2dPlan:
+    """Cached oneDNN primitives for one float32 NCHW 2-D max pooling geometry: forward (training, which also writes
+    the workspace: each window's argmax as an offset inside the window) and backward (the output gradient scattered
+    to those offsets). Windows that reach past the input (padding, ``ceil_mode``) never pick a padded position.
+
+    Args:
+        x_shape: ``[N, C, H, W]``.
+        kernel: two kernel sizes.
+        stride: two strides.
+        pads: ``[top, bottom, left, right]`` (bottom and right may include the extra row and column of
+            ``ceil_mode``).
+
+    Raises:
+        RuntimeError: if oneDNN refuses the geometry or wants another layout than the plain one.
+    """
+
+    def __init__(self, x_shape, kernel, stride, pads) -> None:
+        lib = _library()
+        n, c, h, w = (int(d) for d in x_shape)
+        self.x_shape = [n, c, h, w]
+        self.y_shape = [n, c, conv_out_size(h, kernel[0], stride[0], pads[0], pads[1]),
+                        conv_out_size(w, kernel[1], stride[1], pads[2], pads[3])]
+        x_md, y_md = lib.plain_md(self.x_shape), lib.plain_md(self.y_shape)
+        geometry = (_Dims(*stride), _Dims(*kernel), _Dims(0, 0), _Dims(pads[0], pads[2]), _Dims(pads[1], pads[3]))
+        fwd = _vp()
+        lib.check(lib.lib.dnnl_pooling_forward_primitive_desc_create(
+            ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, _POOLING_MAX, x_md, y_md, *geometry, None),
+            "pooling_forward_primitive_desc_create")
+        for role, md in (("src", x_md), ("dst", y_md)):
+            _require_plain(lib, fwd, role, md)
+        ws_md = _vp(lib.lib.dnnl_primitive_desc_query_md(fwd, _QUERY["workspace"], 0))
+        for code in (_U8, _S32):
+            if lib.lib.dnnl_memory_desc_equal(ws_md, lib.plain_md(self.y_shape, code)):
+                self.workspace_dtype = _DTYPES[code]
+                break
+        else:
+            raise RuntimeError("oneDNN's max-pooling workspace is not a plain integer tensor shaped like the output")
+        bwd = _vp()
+        lib.check(lib.lib.dnnl_pooling_backward_primitive_desc_create(
+            ctypes.byref(bwd), lib.engine, _POOLING_MAX, x_md, y_md, *geometry, fwd, None),
+            "pooling_backward_primitive_desc_create")
+        for role, md in (("diff_src", x_md), ("diff_dst", y_md)):
+            _require_plain(lib, bwd, role, md)
+        self.forward = _PlainPrimitive(lib, fwd, {"x": (_ARG["src"], x_md), "y": (_ARG["dst"], y_md),
+                                                  "ws": (_ARG["workspace"], ws_md)})
+        self.backward = _PlainPrimitive(lib, bwd, {"gy": (_ARG["diff_dst"], y_md), "ws": (_ARG["workspace"], ws_md),
+                                                   "gx": (_ARG["diff_src"], x_md)})
+        lib.lib.dnnl_primitive_desc_destroy(fwd)
+        lib.lib.dnnl_primitive_desc_destroy(bwd)
+
+
+class ReluPlan:
+    """Cached oneDNN eltwise primitives for ReLU on one float32 shape (plain layout): ``max(x, 0)`` and
+    ``g * (x > 0)``.
+
+    Args:
+        shape: the tensor shape.
+    """
+
+    def __init__(self, shape) -> None:
+        lib = _library()
+        md = lib.plain_md(shape)
+        zero = ctypes.c_float(0.0)
+        fwd = _vp()
+        lib.check(lib.lib.dnnl_eltwise_forward_primitive_desc_create(
+            ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, _ELTWISE_RELU, md, md, zero, zero, None),
+            "eltwise_forward_primitive_desc_create")
+        bwd = _vp()
+        lib.check(lib.lib.dnnl_eltwise_backward_primitive_desc_create(
+            ctypes.byref(bwd), lib.engine, _ELTWISE_RELU, md, md, md, zero, zero, fwd, None),
+            "eltwise_backward_primitive_desc_create")
+        self.shape = [int(d) for d in shape]
+        self.forward = _PlainPrimitive(lib, fwd, {"x": (_ARG["src"], md), "y": (_ARG["dst"], md)})
+        self.backward = _PlainPrimitive(lib, bwd, {"x": (_ARG["src"], md), "gy": (_ARG["diff_dst"], md),
+                                                   "gx": (_ARG["diff_src"], md)})
+        lib.lib.dnnl_primitive_desc_destroy(fwd)
+        lib.lib.dnnl_primitive_desc_destroy(bwd)
+
+
+class BatchNormPlan:
+    """Cached oneDNN primitives for training-mode batch normalization of one float32 NCHW shape (batch statistics,
+    biased variance, scale and shift), plain layout: forward (value, batch mean and variance) and backward (input,
+    scale and shift gradients).
+
+    Args:
+        shape: ``[N, C, H, W]``.
+        epsilon: added to the variance.
+    """
+
+    def __init__(self, shape, epsilon: float) -> None:
+        lib = _library()
+        self.shape = [int(d) for d in shape]
+        md, c_md = lib.plain_md(self.shape), lib.plain_md([self.shape[1]])
+        eps, flags = ctypes.c_float(epsilon), ctypes.c_uint(_USE_SCALE_SHIFT)
+        fwd = _vp()
+        lib.check(lib.lib.dnnl_batch_normalization_forward_primitive_desc_create(
+            ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, md, md, eps, flags, None),
+            "batch_normalization_forward_primitive_desc_create")
+        bwd = _vp()
+        lib.check(lib.lib.dnnl_batch_normalization_backward_primitive_desc_create(
+            ctypes.byref(bwd), lib.engine, _BACKWARD, md, md, md, eps, flags, fwd, None),
+            "batch_normalization_backward_primitive_desc_create")
+        stat = {k: (_ARG[k], c_md) for k in ("scale", "mean", "variance")}
+        self.forward = _PlainPrimitive(lib, fwd, {"x": (_ARG["src"], md), "y": (_ARG["dst"], md),
+                                                  "shift": (_ARG["shift"], c_md), **stat})
+        self.backward = _PlainPrimitive(lib, bwd, {"x": (_ARG["src"], md), "gy": (_ARG["diff_dst"], md),
+                                                   "gx": (_ARG["diff_src"], md), "gscale": (_ARG["diff_scale"], c_md),
+                                                   "gshift": (_ARG["diff_shift"], c_md), **stat})
+        lib.lib.dnnl_primitive_desc_destroy(fwd)
+        lib.lib.dnnl_primitive_desc_destroy(bwd)
+
+
 _LIB: _Library | None = None
 _LOAD_ERROR: str | None = None
 _PLANS: dict = {}
@@ -271,3 +429,81 @@ def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequen
                             pads: Sequence[int]) -> paddle.Tensor:
     """The adjoint of ``conv2d(x, .)`` applied to ``gy`` (the weight gradient), of shape ``w_shape``."""
     return _plan("backward_weights", x.shape, w_shape, gy.shape, stride, pads)(x=x, y=gy)
+
+
+def _cached(key: tuple, build):
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = build()
+    return plan
+
+
+def max_pool2d_plan(x_shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                    pads: Sequence[int]) -> MaxPool2dPlan:
+    """The cached `MaxPool2dPlan` of one geometry."""
+    key = ("max_pool2d", tuple(x_shape), tuple(kernel), tuple(stride), tuple(pads))
+    return _cached(key, lambda: MaxPool2dPlan(x_shape, kernel, stride, pads))
+
+
+def max_pool2d_forward(x: paddle.Tensor, kernel: Sequence[int], stride: Sequence[int],
+                       pads: Sequence[int]) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """2-D max pooling of a contiguous float32 NCHW ``x``; returns the value and oneDNN's workspace (each window's
+    argmax as an offset ``kh_index * kernel[1] + kw_index`` inside the window, uint8 or int32, shaped like the
+    value)."""
+    plan = max_pool2d_plan(x.shape, kernel, stride, pads)
+    y = paddle.empty(plan.y_shape, dtype="float32")
+    ws = paddle.empty(plan.y_shape, dtype=plan.workspace_dtype)
+    plan.forward(x=x, y=y, ws=ws)
+    return y, ws
+
+
+def max_pool2d_backward(gy: paddle.Tensor, ws: paddle.Tensor, x_shape: Sequence[int], kernel: Sequence[int],
+                        stride: Sequence[int], pads: Sequence[int]) -> paddle.Tensor:
+    """The adjoint of max pooling: ``gy`` (contiguous float32) added into a zero tensor of ``x_shape`` at the
+    positions of the workspace ``ws`` that `max_pool2d_forward` returned."""
+    plan = max_pool2d_plan(x_shape, kernel, stride, pads)
+    gx = paddle.empty(plan.x_shape, dtype="float32")
+    plan.backward(gy=gy, ws=ws, gx=gx)
+    return gx
+
+
+def _relu_plan(shape: Sequence[int]) -> ReluPlan:
+    return _cached(("relu", tuple(shape)), lambda: ReluPlan(shape))
+
+
+def relu_forward(x: paddle.Tensor) -> paddle.Tensor:
+    """``max(x, 0)`` of a contiguous float32 tensor."""
+    y = paddle.empty(x.shape, dtype="float32")
+    _relu_plan(x.shape).forward(x=x, y=y)
+    return y
+
+
+def relu_backward(x: paddle.Tensor, gy: paddle.Tensor) -> paddle.Tensor:
+    """``gy * (x > 0)`` of two contiguous float32 tensors of one shape."""
+    gx = paddle.empty(x.shape, dtype="float32")
+    _relu_plan(x.shape).backward(x=x, gy=gy, gx=gx)
+    return gx
+
+
+def _batch_norm_plan(shape: Sequence[int], epsilon: float) -> BatchNormPlan:
+    return _cached(("batch_norm", tuple(shape), float(epsilon)), lambda: BatchNormPlan(shape, epsilon))
+
+
+def batch_norm_forward(x: paddle.Tensor, scale: paddle.Tensor, shift: paddle.Tensor,
+                       epsilon: float) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """Training-mode batch norm of a contiguous float32 NCHW ``x``: ``(y, batch mean, biased batch variance)``."""
+    c = [int(x.shape[1])]
+    y, mean, variance = paddle.empty(x.shape, "float32"), paddle.empty(c, "float32"), paddle.empty(c, "float32")
+    _batch_norm_plan(x.shape, epsilon).forward(x=x, y=y, scale=scale, shift=shift, mean=mean, variance=variance)
+    return y, mean, variance
+
+
+def batch_norm_backward(x: paddle.Tensor, gy: paddle.Tensor, scale: paddle.Tensor, mean: paddle.Tensor,
+                        variance: paddle.Tensor, epsilon: float) -> tuple[paddle.Tensor, ...]:
+    """The gradients ``(gx, gscale, gshift)`` of training-mode batch norm for the output gradient ``gy``, given the
+    batch statistics that `batch_norm_forward` returned."""
+    c = [int(x.shape[1])]
+    gx, gscale, gshift = paddle.empty(x.shape, "float32"), paddle.empty(c, "float32"), paddle.empty(c, "float32")
+    _batch_norm_plan(x.shape, epsilon).backward(x=x, gy=gy, scale=scale, mean=mean, variance=variance, gx=gx,
+                                                gscale=gscale, gshift=gshift)
+    return gx, gscale, gshift

@@ -323,3 +323,45 @@ def test_batch_norm_gradient_is_the_fused_kernel_when_not_recorded(fmt, shape):
         assert calls.get("batch_norm_grad", 0) == (0 if recorded else 2), calls  # dx and dw
     for fused, composite in zip(results[False], results[True]):
         np.testing.assert_allclose(fused.numpy(), composite.numpy(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_float32_conv_bn_relu_pool_block_gives_the_float64_derivatives(fast, monkeypatch):
+    """One W2 block (convolution, training-mode batch norm, ReLU, 2x2 max pooling) in float32, large enough for the
+    fast kernels: gradient, Hessian-vector product and third order agree with the float64 rules (exact: checked
+    against finite differences above and in test_conv/test_activation/test_pool), with the fast path on and off;
+    the fused batch_norm_grad kernel runs either way (in the backward that records no graph), oneDNN's
+    convolutions only when the fast path is on."""
+    from paddlefsl.metaopt import kernels, set_fast_kernels
+    from paddlefsl.metaopt.kernels import onednn
+    from tests.metaopt.autodiff.test_conv import _third_order_quantities
+    from tests.opcheck import kernel_calls
+    if fast and not onednn.available():
+        pytest.skip("oneDNN not loadable")
+    conv_calls = []
+    real = onednn.conv2d_forward
+    monkeypatch.setattr(onednn, "conv2d_forward", lambda *a: conv_calls.append(a[0].dtype) or real(*a))
+    rng = np.random.default_rng(4)
+    x = paddle.to_tensor(rng.standard_normal((4, 3, 48, 48)))
+    assert 4 * 8 * 48 * 48 * 3 * 9 >= kernels.MIN_MACS
+    arrays = [rng.standard_normal((8, 3, 3, 3)) * 0.3, 0.5 + rng.random(8), 0.1 * rng.standard_normal(8)]
+
+    def f(w, scale, shift):
+        h = F.conv2d(x.astype(w.dtype), w, padding=1)
+        h = F.batch_norm(h, paddle.zeros([8], w.dtype), paddle.ones([8], w.dtype), scale, shift, training=True)
+        h = F.max_pool2d(F.relu(h), 2)
+        return (paddle.tanh(h) ** 2).sum()
+
+    previous = set_fast_kernels(fast)
+    try:
+        with exact_ops(), kernel_calls() as calls:
+            want = _third_order_quantities(f, arrays, "float64")
+            assert conv_calls == []  # float64 never goes to oneDNN
+            got = _third_order_quantities(f, arrays, "float32")
+    finally:
+        set_fast_kernels(previous)
+    assert calls["batch_norm_grad"] > 0
+    assert len(conv_calls) > 0 if fast else conv_calls == []
+    for g, w in zip(got, want):
+        scale = float(np.abs(w).max())
+        np.testing.assert_allclose(g, w, rtol=0, atol=5e-4 * scale)

@@ -61,3 +61,64 @@ def test_inconsistent_geometry_is_refused():
     with pytest.raises(RuntimeError, match=r"oneDNN convolution_\w+_primitive_desc_create failed"):
         onednn.conv2d_backward_data(paddle.randn([1, 4, 5, 5], dtype="float32"),
                                     paddle.randn([4, 3, 3, 3], dtype="float32"), [1, 3, 20, 20], [1, 1], [1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("shape", [[5, 32, 21, 21], [3, 7], [2, 3, 4, 5, 6]])
+def test_relu_equals_paddle(shape):
+    """Forward and backward, bit for bit, with exact zeros and negative values in the input."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape)
+    x.flat[::5] = 0.0
+    x = paddle.to_tensor(x, dtype="float32")
+    g = paddle.to_tensor(rng.standard_normal(shape), dtype="float32")
+    np.testing.assert_array_equal(onednn.relu_forward(x).numpy(), paddle._C_ops.relu(x).numpy())
+    np.testing.assert_array_equal(onednn.relu_backward(x, g).numpy(), paddle._C_ops.relu_grad(x, g).numpy())
+
+
+# (x shape, kernel, stride, pads [top, bottom, left, right])
+POOLS = [
+    ([5, 32, 21, 21], [2, 2], [2, 2], [0, 0, 0, 0]),  # W2's 2x2 pool, odd size
+    ([2, 3, 9, 8], [3, 3], [2, 2], [1, 1, 1, 1]),     # overlapping windows with padding
+    ([2, 4, 7, 7], [3, 2], [1, 2], [0, 0, 1, 1]),
+]
+
+
+@pytest.mark.parametrize("x_shape,kernel,stride,pads", POOLS)
+def test_max_pool_equals_paddle(x_shape, kernel, stride, pads):
+    """Value, argmax (ties after a ReLU go to the first maximum, as in Paddle) and the scatter backward."""
+    rng = np.random.default_rng(2)
+    x = paddle.nn.functional.relu(paddle.to_tensor(rng.standard_normal(x_shape), dtype="float32"))
+    y, ws = onednn.max_pool2d_forward(x, kernel, stride, pads)
+    want, mask = paddle._C_ops.max_pool2d_with_index(x, kernel, stride, pads[0::2], False, False, False)
+    np.testing.assert_array_equal(y.numpy(), want.numpy())
+    assert bool((want == 0).any())  # ties present
+    k = ws.numpy().astype(np.int64)
+    oh = np.arange(y.shape[2])[:, None] * stride[0] - pads[0]
+    ow = np.arange(y.shape[3])[None, :] * stride[1] - pads[2]
+    index = (oh + k // kernel[1]) * x_shape[3] + ow + k % kernel[1]
+    np.testing.assert_array_equal(index, mask.numpy())
+    gy = paddle.to_tensor(rng.standard_normal(y.shape), dtype="float32")
+    gx = paddle._C_ops.max_pool2d_with_index_grad(x, mask, gy, kernel, stride, pads[0::2], False, False, False)
+    _close(onednn.max_pool2d_backward(gy, ws, x_shape, kernel, stride, pads), gx)
+
+
+@pytest.mark.parametrize("shape", [[5, 32, 21, 21], [3, 4, 5, 6]])
+def test_batch_norm_equals_paddle(shape):
+    """Training-mode forward (value and batch statistics) and backward against Paddle's kernels."""
+    rng = np.random.default_rng(3)
+    x = paddle.to_tensor(rng.standard_normal(shape) * 2 + 1, dtype="float32")
+    c = shape[1]
+    w = paddle.to_tensor(0.5 + rng.random(c), dtype="float32")
+    b = paddle.to_tensor(rng.standard_normal(c), dtype="float32")
+    gy = paddle.to_tensor(rng.standard_normal(shape), dtype="float32")
+    outs = paddle._C_ops.batch_norm(x, paddle.zeros([c], "float32"), paddle.ones([c], "float32"), w, b, False, 0.9,
+                                    1e-5, "NCHW", False, False)
+    y, mean, variance = onednn.batch_norm_forward(x, w, b, 1e-5)
+    _close(y, outs[0])
+    _close(mean, outs[3])
+    want_var = x.numpy().astype(np.float64).var(axis=(0, 2, 3))
+    np.testing.assert_allclose(variance.numpy(), want_var, rtol=1e-5)
+    grads = paddle._C_ops.batch_norm_grad(x, w, b, outs[1], outs[2], outs[3], outs[4], outs[5], gy, 0.9, 1e-5,
+                                          "NCHW", False, False, False)
+    for got, want in zip(onednn.batch_norm_backward(x, gy, w, mean, variance, 1e-5), grads):
+        _close(got, want)
