@@ -42,11 +42,31 @@ def conv_bn(dropout: float = 0.0) -> nn.Layer:
     return nn.Sequential(*layers)
 
 
+class RunningCenter(nn.Layer):
+    """Subtracts a running mean that every call updates first, so each output depends on the buffer's history: a
+    replay that did not start from the buffer as it was before the step would compute other values."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", paddle.zeros([features]))
+
+    def forward(self, x):
+        with paddle.no_grad():
+            self.mean.set_value(0.5 * self.mean + 0.5 * x.mean(axis=0))
+        return x - self.mean.clone()
+
+
+def running_center_mlp() -> nn.Layer:
+    paddle.seed(1)
+    return nn.Sequential(nn.Linear(1, 8), RunningCenter(8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
 MODELS = {
     "mlp": (lambda: mlp(), "regression"),
     "conv_bn": (lambda: conv_bn(), "image"),
     "conv_bn_dropout": (lambda: conv_bn(0.3), "image"),
     "conv_bn_eval": (lambda: _eval(conv_bn()), "image"),  # running statistics used, not updated
+    "running_center": (running_center_mlp, "regression"),  # a buffer read and updated by every forward
 }
 
 
