@@ -24,6 +24,11 @@ Order: the segment's backward is exact for the meta-gradient (first derivative o
 the inner loss). Differentiating the meta-gradient again (``paddle.grad(..., create_graph=True)`` through a
 segment) raises `paddlefsl.metaopt.SecondOrderError` instead of returning a wrong value.
 
+``innerloop_ctx(model, opt, inner_steps=K, recompute=r)`` does the same for the ``higher``-style loop
+(`recomputed_loop_step`): a segment's inputs are the fast weights, the optimizer's state tensors and the override
+tensors at the boundary, and it replays ``diffopt.step``'s update (the optimizer twin, clipping, callbacks) from a
+loss function given a functional model.
+
 Time: every second-order step runs twice forward (once for its values, once in the replay), plus the replay's
 vector-Jacobian product, which is the backward the stored loop does anyway.
 """
