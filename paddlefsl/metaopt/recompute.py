@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import paddle
 from paddle import nn
-from paddle.autograd import PyLayer
-
 from paddlefsl.metaopt.autodiff import audit, scope
+from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 from paddlefsl.metaopt.errors import SecondOrderError
 from paddlefsl.metaopt.functional import ParameterSlots
 
@@ -309,7 +308,11 @@ def _grad(outputs: list[paddle.Tensor], inputs: list[paddle.Tensor],
                            "innerloop_ctx(recompute=...)): its meta-gradient is exact, but it cannot be differentiated "
                            "again (a third derivative of the inner loss); build the learner or open the loop without "
                            "recompute for higher orders")
-class _Segment(PyLayer):
+class _Segment(GuardedPyLayer):
+    """The node whose backward replays a segment. Guarded: Paddle frees a PyLayer node's context when backward()
+    runs it, and a second backward through it (two losses sharing the inner loop, back-propagated one after the
+    other) crashed the process; it raises `GraphReleasedError` instead, as the op layer's nodes do."""
+
     @staticmethod
     def forward(ctx, replay: _Replay, *tensors: paddle.Tensor):
         ctx.replay = replay
@@ -482,7 +485,7 @@ class _Boundary:
         slots = _state_slots(state)
         self.start = list(params) + slots + list(context)
         self.needs = [not t.stop_gradient for t in self.start]
-        self.template = state
+        self.template = _fill_state(state, [t.detach() for t in slots])  # the layout; the graph is not kept
         self.n_params, self.n_slots = len(params), len(slots)
         self.context_ids = [id(t) for t in context]
         self.buffers = [t for sub in program.module.sublayers(include_self=True) for t in _stat_tensors(sub)]
