@@ -216,12 +216,14 @@ class DifferentiableOptimizer:
         self._rule = _StepRule(fmodel.module, fmodel.names, fmodel.originals, self.twin, type(optimizer).__name__,
                                groups, self._group_of, self._settings)
         self._boundary = None
+        self._context: list[paddle.Tensor] = []  # the override tensors a recomputed segment differentiates
+        for extra in self.overrides:
+            for value in extra.values():
+                if isinstance(value, paddle.Tensor) and not value.stop_gradient \
+                        and all(value is not known for known in self._context):
+                    self._context.append(value)
         if recompute is not None:
             check_loop_state(self.state, type(optimizer).__name__)
-            seen: set[int] = set()
-            self._context = [v for extra in self.overrides for v in extra.values()
-                             if isinstance(v, paddle.Tensor) and not v.stop_gradient
-                             and not (id(v) in seen or seen.add(id(v)))]
 
     def _resolve_override(self, override: Mapping[str, Any], n_groups: int) -> list[dict[str, Any]]:
         if not isinstance(override, Mapping):
