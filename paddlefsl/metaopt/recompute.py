@@ -263,6 +263,10 @@ class _Replay:
 
     def vjp(self, inputs: list[paddle.Tensor], grads: list[paddle.Tensor | None]) -> list[paddle.Tensor | None]:
         twin = self.twin
+        # A graph token of this replay's own: the previous segment's replay graph, back-propagated just before and
+        # still alive inside the meta-backward, is no part of this one, and the twin's check for released nodes
+        # (before each second-order step) must not count it.
+        twin.learner._graph_tokens = twin.learner._graph_tokens[:-1] + (object(),)
         with scope.exact_ops(), paddle.enable_grad():
             leaves = _leaves(inputs)
             adapted, context = leaves[:self.n_adapted], leaves[self.n_adapted:]

@@ -355,3 +355,16 @@ def test_a_twin_state_that_cannot_be_carried_is_refused(monkeypatch):
     xs, ys, _, _ = regression_task()
     with innerloop_ctx(model, opt, inner_steps=2) as (f, d):  # the stored loop still takes it
         d.step(F.mse_loss(f(xs), ys))
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_recomputed_first_in_a_fresh_process(interval, monkeypatch):
+    """Recomputed before any stored loop, with no graph audited yet (the first replay's graph is audited, and
+    walking it keeps it alive): every replay still runs, and matches the stored loop run afterwards."""
+    from paddlefsl.metaopt.autodiff import audit
+
+    monkeypatch.setattr(audit, "_audited", set())
+    monkeypatch.setattr(recompute_module, "_walked", recompute_module.weakref.WeakSet())
+    options = dict(model_name="conv_bn", opt_name="momentum", override=learned_lr)
+    recomputed = loop_run(**options, recompute=interval)
+    assert_same(loop_run(**options), recomputed)

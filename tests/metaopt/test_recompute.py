@@ -6,6 +6,7 @@ import pytest
 from paddle import nn
 
 import paddlefsl.metaopt.recompute as recompute_module
+from paddlefsl.metaopt.autodiff import audit
 from paddlefsl.metaopt import MAML, SecondOrderError, check_meta_gradients
 from tests.metaopt.models import mlp, regression_task
 
@@ -83,6 +84,26 @@ def assert_same(stored, recomputed):
 @pytest.mark.parametrize("case", list(CASES))
 def test_meta_gradient_equals_the_stored_one(case, interval):
     assert_same(meta_run(case), meta_run(case, recompute=interval))
+
+
+@pytest.mark.parametrize("steps, interval", [(2, 1), (3, 1), (3, 2)])
+def test_adapt_then_step_with_several_segments(steps, interval, monkeypatch):
+    """The plain loop in a fresh process: adapt K times, then one query loss, recomputed before any stored run.
+    The first replay's graph is audited (once per key and process), and walking it keeps it alive; the next
+    segment's replay then found its back-propagated nodes under the twin's graph token, took them for its own and
+    raised GraphReleasedError (merged main, 2026-12-01). Every replay now has a graph token of its own."""
+    monkeypatch.setattr(audit, "_audited", set())  # as in a fresh process: no key audited yet
+    xs, ys, xq, yq = image_task()
+    grads = []
+    for recompute in (interval, None):
+        learner = MAML(conv_bn(), 0.1, inner_steps=steps, recompute=recompute)
+        task = learner.clone()
+        for _ in range(steps):
+            task.adapt(lambda l: F.cross_entropy(l(xs), ys))
+        learner.step(F.cross_entropy(task(xq), yq))
+        grads.append([p.grad.numpy().copy() for p in learner.parameters() if not p.stop_gradient])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["conv_bn_dropout", "learned_rates"])
