@@ -90,8 +90,9 @@ def loop_run(model_name="mlp", opt_name="sgd", override=None, multi_step=False, 
     loss_fn = F.mse_loss if kind == "regression" else F.cross_entropy
     extra = override() if override else {}
     opt = OPTIMIZERS[opt_name](model.parameters())
+    scheduler = O.lr.StepDecay(0.2, step_size=1, gamma=0.5) if schedule else None
     if schedule:
-        opt = O.SGD(O.lr.StepDecay(0.2, step_size=1, gamma=0.5), parameters=model.parameters())
+        opt = O.SGD(scheduler, parameters=model.parameters())
     paddle.seed(7)
     recompute = "recompute" in options
     with innerloop_ctx(model, opt, copy_initial_weights=copy, override=extra, inner_steps=STEPS,
@@ -100,8 +101,8 @@ def loop_run(model_name="mlp", opt_name="sgd", override=None, multi_step=False, 
         for _ in range(STEPS):
             support = (lambda f: loss_fn(f(xs), ys))
             diffopt.step(support if recompute else support(fmodel), grad_callback=callback)
-            if schedule:
-                opt._learning_rate.step()
+            if scheduler is not None:
+                scheduler.step()  # a rate that changes between inner steps, read by each step as it runs
             losses.append(loss_fn(fmodel(xq), yq))
         query = sum((k + 1) * q for k, q in enumerate(losses)) if multi_step else losses[-1]
         query.backward()
