@@ -9,6 +9,8 @@ max-pool, meta-batch 4, 84x84 images, random data of those shapes):
 * ``recomputed``: ``MAML(..., recompute=1)``: inner steps replayed during the meta-backward.
 * ``truncated``: ``MAML(..., truncate=1)``: only the last inner step second order (an approximation).
 * ``implicit``: ``IMAML`` (proximal inner loop, meta-gradient by conjugate gradient).
+* ``innerloop_stored`` and ``innerloop_recomputed`` (not in the default sweep): the same inner loop written with
+  ``innerloop_ctx`` and SGD, without and with ``recompute=1``.
 
 Each configuration runs in a fresh Python process (so its peak resident memory, ``ru_maxrss``, is its own):
 ``--warmup`` untimed meta-iterations (default 0: on a slow shared machine the first iteration's one-time costs are
@@ -28,7 +30,8 @@ import subprocess
 import sys
 import time
 
-MODES = ("stored", "recomputed", "truncated", "implicit")
+MODES = ("stored", "recomputed", "truncated", "implicit", "innerloop_stored", "innerloop_recomputed")
+DEFAULT_MODES = MODES[:4]
 
 
 def _rss_mib() -> float:
@@ -45,7 +48,7 @@ def build(mode: str, steps: int, bench_dir: str, meta_batch: int | None = None):
     import paddle.nn.functional as F
     from paddle import nn
 
-    from paddlefsl.metaopt import IMAML, MAML
+    from paddlefsl.metaopt import IMAML, MAML, innerloop_ctx
 
     spec = importlib.util.spec_from_file_location("workload", os.path.join(bench_dir, "workload.py"))
     workload = importlib.util.module_from_spec(spec)
@@ -60,16 +63,36 @@ def build(mode: str, steps: int, bench_dir: str, meta_batch: int | None = None):
         size //= 2
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(W["channels"] * size * size, W["ways"]))
     optimizer = paddle.optimizer.Adam(1e-3, parameters=model.parameters())
+    n_s, n_q = W["ways"] * W["shots"], W["ways"] * W["query"]
+    tasks = [(paddle.randn([n_s, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["shots"]),
+              paddle.randn([n_q, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["query"]))
+             for _ in range(meta_batch or W["meta_batch"])]
+    if mode.startswith("innerloop"):
+        inner = paddle.optimizer.SGD(W["inner_lr"], parameters=model.parameters())
+        recompute = dict(recompute=1) if mode == "innerloop_recomputed" else {}
+
+        def loop_iteration():
+            losses = []
+            for xs, ys, xq, yq in tasks:
+                with innerloop_ctx(model, inner, copy_initial_weights=False, inner_steps=steps,
+                                   **recompute) as (fmodel, diffopt):
+                    for _ in range(steps):
+                        if recompute:
+                            diffopt.step(lambda f: F.cross_entropy(f(xs), ys))
+                        else:
+                            diffopt.step(F.cross_entropy(fmodel(xs), ys))
+                    losses.append(F.cross_entropy(fmodel(xq), yq))
+            paddle.stack(losses).mean().backward()
+            optimizer.step()
+            optimizer.clear_grad()
+
+        return loop_iteration
     if mode == "implicit":
         learner = IMAML(model, W["inner_lr"], inner_steps=steps, lam=1.0, cg_steps=5, cg_tol=None,
                         meta_optimizer=optimizer)
     else:
         options = {"recomputed": dict(recompute=1), "truncated": dict(truncate=1), "stored": {}}[mode]
         learner = MAML(model, W["inner_lr"], inner_steps=steps, meta_optimizer=optimizer, **options)
-    n_s, n_q = W["ways"] * W["shots"], W["ways"] * W["query"]
-    tasks = [(paddle.randn([n_s, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["shots"]),
-              paddle.randn([n_q, *W["img"]]), paddle.arange(W["ways"]).repeat_interleave(W["query"]))
-             for _ in range(meta_batch or W["meta_batch"])]
 
     def meta_iteration():
         losses = []
@@ -103,11 +126,11 @@ def interleaved(steps: int, modes: list[str], rounds: int, meta_batch: int | Non
                 ratio_to_stored=ratios, threads=os.environ.get("OMP_NUM_THREADS", "default"))
 
 
-def child(mode: str, steps: int, iterations: int, warmup: int, bench_dir: str) -> dict:
+def child(mode: str, steps: int, iterations: int, warmup: int, bench_dir: str, meta_batch: int | None = None) -> dict:
     """Run one configuration in this process and return its figures."""
     import resource
 
-    meta_iteration = build(mode, steps, bench_dir)
+    meta_iteration = build(mode, steps, bench_dir, meta_batch)
     base = _rss_mib()
     times = []
     for i in range(warmup + iterations):
@@ -116,14 +139,15 @@ def child(mode: str, steps: int, iterations: int, warmup: int, bench_dir: str) -
         if i >= warmup:
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return dict(mode=mode, steps=steps, seconds=statistics.median(times), times=times, peak_mib=peak,
+    return dict(mode=mode, steps=steps, meta_batch=meta_batch, seconds=statistics.median(times), times=times,
+                peak_mib=peak,
                 base_mib=base, added_mib=peak - base, threads=os.environ.get("OMP_NUM_THREADS", "default"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10, 20])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     parser.add_argument("--iterations", type=int, default=1, help="timed meta-iterations per configuration")
     parser.add_argument("--warmup", type=int, default=0, help="untimed meta-iterations before them")
     parser.add_argument("--bench-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
@@ -132,19 +156,21 @@ def main() -> None:
     parser.add_argument("--interleave", type=int, metavar="STEPS",
                         help="instead of the sweep: time the modes side by side in one process at STEPS inner steps "
                              "(--iterations rounds, --meta-batch tasks) and write OUT_time.json")
-    parser.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-batch for --interleave "
-                                                                      "(default W2's 4)")
+    parser.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-batch (default W2's 4)")
     args = parser.parse_args()
     if not os.path.exists(os.path.join(args.bench_dir, "workload.py")):
         parser.error(f"no workload.py in --bench-dir {args.bench_dir}")
     if any(s < 1 for s in args.steps) or args.iterations < 1 or args.warmup < 0:
         parser.error("--steps and --iterations must be positive integers, --warmup a non-negative one")
+    if args.meta_batch is not None and args.meta_batch < 1:
+        parser.error(f"--meta-batch must be a positive integer, got {args.meta_batch}")
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.iterations, args.warmup, args.bench_dir)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.iterations, args.warmup, args.bench_dir,
+                               args.meta_batch)))
         return
     if args.interleave is not None:
-        if args.interleave < 1 or (args.meta_batch is not None and args.meta_batch < 1):
-            parser.error("--interleave and --meta-batch must be positive integers")
+        if args.interleave < 1:
+            parser.error("--interleave must be a positive integer")
         os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
         result = interleaved(args.interleave, args.modes, args.iterations, args.meta_batch, args.bench_dir)
         with open(args.out + "_time.json", "w") as f:
@@ -158,6 +184,8 @@ def main() -> None:
     for steps, mode in _order(args.steps, args.modes):
         command = [sys.executable, os.path.abspath(__file__), "--child", mode, str(steps), "--iterations",
                    str(args.iterations), "--warmup", str(args.warmup), "--bench-dir", args.bench_dir]
+        if args.meta_batch is not None:
+            command += ["--meta-batch", str(args.meta_batch)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{mode} with {steps} steps failed:\n{done.stderr[-3000:]}")

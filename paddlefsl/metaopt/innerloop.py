@@ -5,6 +5,10 @@ differentiable optimizer whose ``step(loss)`` replaces them by an out-of-place u
 optimizer's rule exactly (see `paddlefsl.metaopt.optim`). Every step stays in the autograd graph, so a loss
 computed after ``k`` steps can be differentiated w.r.t. the initial weights and w.r.t. hyper-parameters given as
 tensors (``override``).
+
+With ``innerloop_ctx(..., inner_steps=K, recompute=r)`` the steps keep no activations: ``diffopt.step`` takes the
+loss as a function of a functional model, and the meta-backward replays the steps from a boundary kept every ``r``
+steps (`paddlefsl.metaopt.recompute`), for the same meta-gradient with memory that does not grow with ``K``.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from paddlefsl.metaopt.autodiff import released, scope
 from paddlefsl.metaopt.base import check_grad_enabled, check_scalar_loss
 from paddlefsl.metaopt.functional import ParameterSlots, functional_call
 from paddlefsl.metaopt.optim.base import OptimizerTwin, clip_gradients, param_groups, twin_for
-from paddlefsl.metaopt.recompute import check_step_count
+from paddlefsl.metaopt.recompute import check_loop_state, check_step_count, recomputed_loop_step
 
 __all__ = ["innerloop_ctx", "FunctionalModel", "DifferentiableOptimizer"]
 
@@ -102,6 +106,60 @@ class FunctionalModel:
         self._history.append(list(params))
 
 
+class _StepRule:
+    """One optimizer step of a `DifferentiableOptimizer`, apart from the fast weights, state and hyper-parameters.
+
+    A recomputed segment keeps this to replay its steps (see `paddlefsl.metaopt.recompute.LoopProgram`), so it holds
+    the module, the twin and the parameter groups, never the functional model or its history.
+    """
+
+    def __init__(self, module: nn.Layer, names: list[str], originals: list[paddle.Tensor], twin: OptimizerTwin,
+                 twin_name: str, groups: list, group_of: list[int], settings: list[dict[str, Any]]) -> None:
+        self.module = module
+        self.names = names
+        self.originals = originals
+        self.twin = twin
+        self.twin_name = twin_name
+        self.groups = groups
+        self.group_of = group_of
+        self.settings = settings
+
+    def apply(self, loss: paddle.Tensor, params: list[paddle.Tensor], state: list, hyper: list[dict[str, Any]],
+              second: bool, grad_callback: Callable | None, step: int, token: object
+              ) -> tuple[list[paddle.Tensor], list]:
+        """The new fast weights and state after one step on ``loss`` (``second``: keep the gradient's graph)."""
+        with released.owner(token):
+            grads = scope.grad(loss, params, create_graph=second, model=self.module, step=step)
+        grads = [None if g is None else (g if second else g.detach()) for g in grads]
+        if all(g is None for g in grads):
+            raise ValueError(f"diffopt.step (step {step}): loss reaches none of the fast weights {self.names}")
+        if grad_callback is not None:
+            grads = list(grad_callback(list(grads)))
+            if len(grads) != len(params):
+                raise ValueError(f"grad_callback returned {len(grads)} gradients for {len(params)} parameters")
+        for g, (group, members) in enumerate(self.groups):
+            idx = [i for i, owner in enumerate(self.group_of) if owner == g]
+            clip = self.settings[idx[0]]["grad_clip"] if idx else None
+            if clip is None:
+                continue
+            clipped = clip_gradients([grads[i] for i in idx], [self.originals[i] for i in idx], clip)
+            for i, c in zip(idx, clipped):
+                grads[i] = c
+        new_params, new_state = self.twin.update(grads, state, params, hyper)
+        return list(new_params), new_state
+
+    def run(self, closure: Callable[["FunctionalModel"], paddle.Tensor], params: list[paddle.Tensor], state: list,
+            hyper: list[dict[str, Any]], create_graph: bool, grad_callback: Callable | None, step: int
+            ) -> tuple[list[paddle.Tensor], list, paddle.Tensor]:
+        """Run ``closure`` on a functional model of ``params`` (no history) and take the step from its loss."""
+        fmodel = FunctionalModel(self.module, params)
+        loss = closure(fmodel)
+        check_scalar_loss(loss, f"diffopt.step (step {step})")
+        new_params, new_state = self.apply(loss, params, state, hyper, create_graph, grad_callback, step,
+                                           fmodel.graph_token)
+        return new_params, new_state, loss
+
+
 class DifferentiableOptimizer:
     """The differentiable twin of a Paddle optimizer acting on a `FunctionalModel` (``diffopt``).
 
@@ -116,17 +174,23 @@ class DifferentiableOptimizer:
 
     def __init__(self, optimizer: paddle.optimizer.Optimizer, fmodel: FunctionalModel,
                  override: Mapping[str, Any] | None = None, track_higher_grads: bool = True,
-                 inner_steps: int | None = None, truncate: int | None = None) -> None:
+                 inner_steps: int | None = None, truncate: int | None = None, recompute: int | None = None) -> None:
         if inner_steps is not None:
             inner_steps = check_step_count(inner_steps, "inner_steps", inner_steps if isinstance(inner_steps, int)
                                            else None)
         if truncate is not None:
-            truncate = check_step_count(truncate, "truncate", inner_steps)
+            truncate = check_step_count(truncate, "truncate", inner_steps, owner="innerloop_ctx")
             if not track_higher_grads:
                 raise ValueError(f"truncate={truncate} keeps second-order terms in the last steps; "
                                  "track_higher_grads=False has none (drop one of the two)")
+        if recompute is not None:
+            recompute = check_step_count(recompute, "recompute", inner_steps, owner="innerloop_ctx")
+            if not track_higher_grads:
+                raise ValueError(f"recompute={recompute} replays second-order steps in the meta-backward; "
+                                 "track_higher_grads=False takes none (drop one of the two)")
         self.inner_steps = inner_steps
         self.truncate = truncate
+        self.recompute = recompute
         self.twin: OptimizerTwin = twin_for(optimizer)
         self.optimizer = optimizer
         self.fmodel = fmodel
@@ -149,6 +213,17 @@ class DifferentiableOptimizer:
             if "weight_decay" in extra:
                 self.twin.override_weight_decay(settings)
         self.state = self.twin.init(fmodel.parameters(), self.hyper())
+        self._rule = _StepRule(fmodel.module, fmodel.names, fmodel.originals, self.twin, type(optimizer).__name__,
+                               groups, self._group_of, self._settings)
+        self._boundary = None
+        self._context: list[paddle.Tensor] = []  # the override tensors a recomputed segment differentiates
+        for extra in self.overrides:
+            for value in extra.values():
+                if isinstance(value, paddle.Tensor) and not value.stop_gradient \
+                        and all(value is not known for known in self._context):
+                    self._context.append(value)
+        if recompute is not None:
+            check_loop_state(self.state, type(optimizer).__name__)
 
     def _resolve_override(self, override: Mapping[str, Any], n_groups: int) -> list[dict[str, Any]]:
         if not isinstance(override, Mapping):
@@ -188,13 +263,15 @@ class DifferentiableOptimizer:
             out.append(h)
         return out
 
-    def step(self, loss: paddle.Tensor,
+    def step(self, loss: paddle.Tensor | Callable[[FunctionalModel], paddle.Tensor],
              grad_callback: Callable[[list[paddle.Tensor | None]], Sequence[paddle.Tensor | None]] | None = None
              ) -> list[paddle.Tensor]:
         """Take one differentiable optimizer step on the fast weights from ``loss``.
 
         Args:
-            loss: a scalar computed with ``fmodel``.
+            loss: a scalar computed with ``fmodel``, or a function of a functional model that computes it, e.g.
+                ``lambda fmodel: F.cross_entropy(fmodel(x), y)`` (needed with ``recompute``, where the function
+                is given a functional model of the current weights only and is run again in the meta-backward).
             grad_callback: maps the list of gradients (``None`` for parameters the loss does not use) to a new
                 list, with differentiable ops (e.g. ``lambda gs: [g * mask for g in gs]``); applied before Paddle's
                 gradient clipping and regularization, as a hook on ``param.grad`` would be.
@@ -204,7 +281,9 @@ class DifferentiableOptimizer:
 
         Raises:
             ValueError: if ``loss`` is not a connected scalar or reaches no fast weight, or the callback returns a
-                list of the wrong length.
+                list of the wrong length, or (with ``recompute``) the loss function or callback reads tensors that
+                need gradients other than the weights it is given and the overrides.
+            TypeError: with ``recompute``, if ``loss`` is a tensor rather than a function.
             FloatingPointError: if ``loss`` is not finite.
             SecondOrderError: if an op in the model has no exact higher-order gradient.
         """
@@ -213,29 +292,28 @@ class DifferentiableOptimizer:
             raise RuntimeError(f"diffopt.step call {step} with inner_steps={self.inner_steps}; open a new "
                                "innerloop_ctx for a new inner loop, or give a larger inner_steps")
         check_grad_enabled(f"diffopt.step (step {step})")
-        check_scalar_loss(loss, f"diffopt.step (step {step})")
         params = self.fmodel.parameters()
         second = self.track_higher_grads and (self.truncate is None or step > self.inner_steps - self.truncate)
+        function = not isinstance(loss, paddle.Tensor) and callable(loss)
+        if self.recompute is not None:
+            if not function:
+                raise TypeError(f"diffopt.step (step {step}): the loop was opened with recompute={self.recompute}, "
+                                "which runs each step again in the meta-backward, so the loss must be a function of "
+                                "a functional model: diffopt.step(lambda fmodel: F.cross_entropy(fmodel(x), y)); a "
+                                f"tensor cannot be recomputed (got {type(loss).__name__})")
+            if second:
+                new_params, self.state, self._boundary = recomputed_loop_step(
+                    self._rule, self._boundary, loss, grad_callback, params, self.state, self.hyper(),
+                    self._context, self.recompute, step - 1)
+                self.fmodel._append(new_params)
+                return list(new_params)
+        if function:
+            loss = loss(self.fmodel)
+        check_scalar_loss(loss, f"diffopt.step (step {step})")
         if second:
             released.check_released([self.fmodel.graph_token], f"diffopt.step (step {step})")
-        with released.owner(self.fmodel.graph_token):
-            grads = scope.grad(loss, params, create_graph=second, model=self.fmodel.module, step=step)
-        grads = [None if g is None else (g if second else g.detach()) for g in grads]
-        if all(g is None for g in grads):
-            raise ValueError(f"diffopt.step (step {step}): loss reaches none of the fast weights {self.fmodel.names}")
-        if grad_callback is not None:
-            grads = list(grad_callback(list(grads)))
-            if len(grads) != len(params):
-                raise ValueError(f"grad_callback returned {len(grads)} gradients for {len(params)} parameters")
-        for g, (group, members) in enumerate(self._groups):
-            idx = [i for i, owner in enumerate(self._group_of) if owner == g]
-            clip = self._settings[idx[0]]["grad_clip"] if idx else None
-            if clip is None:
-                continue
-            clipped = clip_gradients([grads[i] for i in idx], [self.fmodel.originals[i] for i in idx], clip)
-            for i, c in zip(idx, clipped):
-                grads[i] = c
-        new_params, self.state = self.twin.update(grads, self.state, params, self.hyper())
+        new_params, self.state = self._rule.apply(loss, params, self.state, self.hyper(), second, grad_callback,
+                                                  step, self.fmodel.graph_token)
         self.fmodel._append(new_params)
         return list(new_params)
 
@@ -244,7 +322,8 @@ class DifferentiableOptimizer:
 def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_initial_weights: bool = True,
                   override: Mapping[str, Any] | None = None,
                   track_higher_grads: bool = True, inner_steps: int | None = None,
-                  truncate: int | None = None) -> Iterator[tuple[FunctionalModel, DifferentiableOptimizer]]:
+                  truncate: int | None = None, recompute: int | None = None
+                  ) -> Iterator[tuple[FunctionalModel, DifferentiableOptimizer]]:
     """A differentiable inner loop: ``with innerloop_ctx(model, opt) as (fmodel, diffopt): ...``.
 
     ``fmodel(x)`` runs ``model`` with the current fast weights; ``diffopt.step(loss)`` makes one update of them that
@@ -293,6 +372,12 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
             order); earlier ones are first order (their gradients are constants, as with
             ``track_higher_grads=False``), so only ``truncate`` steps' graphs are stored. An approximation of the
             full meta-gradient; ``truncate=inner_steps`` is exact. A positive integer ``<= inner_steps``.
+        recompute: with ``inner_steps``, keep a boundary every ``recompute`` steps and no step's activations; the
+            meta-backward replays the steps since the boundary (`paddlefsl.metaopt.recompute`). The meta-gradient
+            is the stored one (weights, overrides such as a learned rate; batch-norm statistics updated once,
+            dropout masks the same), and it cannot be differentiated again. ``diffopt.step`` then takes the loss as
+            a function of a functional model. A positive integer ``<= inner_steps``; the optimizer's twin state
+            must be dicts of tensors and numbers (all built-in twins).
 
     Yields:
         ``(fmodel, diffopt)``: a `FunctionalModel` and a `DifferentiableOptimizer`.
@@ -302,7 +387,10 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
         TypeError: if the optimizer type has no registered twin.
         ValueError: if a trainable parameter of ``model`` is not in ``optimizer``, or ``override`` names a
             hyper-parameter the optimizer does not have or has the wrong number of values, or ``inner_steps`` /
-            ``truncate`` are not positive integers with ``truncate <= inner_steps``.
+            ``truncate`` / ``recompute`` are not positive integers no larger than ``inner_steps``, or
+            ``recompute`` is given with ``track_higher_grads=False``.
+        TypeError: if ``inner_steps`` / ``truncate`` / ``recompute`` is not an integer, or (with ``recompute``) the
+            twin's state is not dicts of tensors and numbers.
 
     Example:
         >>> opt = paddle.optimizer.Momentum(0.3, momentum=0.5, parameters=model.parameters())
@@ -312,6 +400,13 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
         ...         diffopt.step(F.mse_loss(fmodel(x), y))
         ...     F.mse_loss(fmodel(x_val), y_val).backward()
         >>> lr.grad                                            # d validation loss / d learning rate
+
+        Memory that does not grow with the steps (the same meta-gradient):
+
+        >>> with innerloop_ctx(model, opt, inner_steps=20, recompute=1) as (fmodel, diffopt):
+        ...     for _ in range(20):
+        ...         diffopt.step(lambda f: F.mse_loss(f(x), y))
+        ...     F.mse_loss(fmodel(x_val), y_val).backward()
     """
     if not isinstance(model, nn.Layer):
         raise TypeError(f"model must be a paddle.nn.Layer, got {type(model).__name__}")
@@ -329,7 +424,7 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
         initial = list(trainable)
     fmodel = FunctionalModel(model, initial)
     diffopt = DifferentiableOptimizer(optimizer, fmodel, override=override, track_higher_grads=track_higher_grads,
-                                      inner_steps=inner_steps, truncate=truncate)
+                                      inner_steps=inner_steps, truncate=truncate, recompute=recompute)
     lease = scope.Lease() if track_higher_grads else None
     handles = scope.track_layers(model) if track_higher_grads else []
     try:

@@ -6,6 +6,7 @@ import pytest
 from paddle import nn
 
 import paddlefsl.metaopt.recompute as recompute_module
+from paddlefsl.metaopt.autodiff import audit
 from paddlefsl.metaopt import MAML, SecondOrderError, check_meta_gradients
 from tests.metaopt.models import mlp, regression_task
 
@@ -83,6 +84,26 @@ def assert_same(stored, recomputed):
 @pytest.mark.parametrize("case", list(CASES))
 def test_meta_gradient_equals_the_stored_one(case, interval):
     assert_same(meta_run(case), meta_run(case, recompute=interval))
+
+
+@pytest.mark.parametrize("steps, interval", [(2, 1), (3, 1), (3, 2)])
+def test_adapt_then_step_with_several_segments(steps, interval, monkeypatch):
+    """The plain loop in a fresh process: adapt K times, then one query loss, recomputed before any stored run.
+    The first replay's graph is audited (once per key and process), and walking it keeps it alive; the next
+    segment's replay then found its back-propagated nodes under the twin's graph token, took them for its own and
+    raised GraphReleasedError (merged main, 2026-12-01). Every replay now has a graph token of its own."""
+    monkeypatch.setattr(audit, "_audited", set())  # as in a fresh process: no key audited yet
+    xs, ys, xq, yq = image_task()
+    grads = []
+    for recompute in (interval, None):
+        learner = MAML(conv_bn(), 0.1, inner_steps=steps, recompute=recompute)
+        task = learner.clone()
+        for _ in range(steps):
+            task.adapt(lambda l: F.cross_entropy(l(xs), ys))
+        learner.step(F.cross_entropy(task(xq), yq))
+        grads.append([p.grad.numpy().copy() for p in learner.parameters() if not p.stop_gradient])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["conv_bn_dropout", "learned_rates"])
@@ -228,3 +249,52 @@ def test_the_replay_takes_its_vector_jacobian_product_with_backward(monkeypatch)
     monkeypatch.setattr(paddle, "grad", spy)
     meta_run("mlp", recompute=1)
     assert calls and not any(calls)
+
+
+TWICE = r'''
+import sys
+import paddle
+import paddle.nn.functional as F
+from paddlefsl.metaopt import MAML, innerloop_ctx
+from tests.metaopt.models import mlp, regression_task
+
+paddle.set_default_dtype("float64")
+xs, ys, xq, yq = regression_task()
+model = mlp()
+if sys.argv[1] == "innerloop_ctx":
+    loop = innerloop_ctx(model, paddle.optimizer.SGD(0.1, parameters=model.parameters()), copy_initial_weights=False,
+                         inner_steps=2, recompute=1)
+    fmodel, diffopt = loop.__enter__()
+    for _ in range(2):
+        diffopt.step(lambda f: F.mse_loss(f(xs), ys))
+else:
+    fmodel = MAML(model, 0.1, inner_steps=2, recompute=1).clone()
+    for _ in range(2):
+        fmodel.adapt(lambda learner: F.mse_loss(learner(xs), ys))
+query, support = F.mse_loss(fmodel(xq), yq), F.mse_loss(fmodel(xs), ys)
+query.backward()
+print("first ok", flush=True)
+try:
+    support.backward()
+    print("no error", flush=True)
+except Exception as err:
+    print("raised", type(err).__name__, str(err).replace("\n", " ")[:300], flush=True)
+'''
+
+
+@pytest.mark.parametrize("where", ["MAML", "innerloop_ctx"])
+def test_a_second_backward_through_a_segment_raises_instead_of_crashing(where):
+    """Two losses sharing a recomputed inner loop, back-propagated one after the other: the second reaches segment
+    nodes the first released. It killed the process (segmentation fault) before the segment became guarded."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", TWICE, where], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=root)
+    assert run.returncode == 0, f"the process died (rc {run.returncode}):\n{run.stdout}\n{run.stderr[-2000:]}"
+    lines = run.stdout.splitlines()
+    assert lines[0] == "first ok"
+    assert lines[1].startswith("raised") and "back-propagated" in lines[1], lines[1]
