@@ -19,8 +19,9 @@ node that a ``create_graph=True`` gradient will differentiate, whatever door its
 
 The scope is reference counted. Learners hold a `Lease` for each task learner; when the last lease is released
 every patched attribute is the stock function again. A first-order learner's lease (``Lease(first_order=True)``)
-asks for less: while no other lease is held, only the rules of `paddlefsl.metaopt.autodiff.first_order` are
-installed (the kernels whose stock first-order gradient is wrong), with no guard, and `paddle.grad` stays audited.
+asks for less: while no other lease is held, the kernels whose stock first-order gradient is right
+(`paddlefsl.metaopt.autodiff.first_order.STOCK_AT_FIRST_ORDER`) and every unregistered kernel run stock, with no
+guard; the other exact rules stay installed and `paddle.grad` stays audited.
 """
 from __future__ import annotations
 
@@ -275,7 +276,8 @@ class Lease:
 
     Args:
         first_order: the holder differentiates its graphs only once (a first-order learner's task learner): while
-            every held lease is first order, only the rules that first-order gradients need are installed.
+            every held lease is first order, only the exact rules that first-order gradients need are installed
+            (see `paddlefsl.metaopt.autodiff.first_order`).
     """
 
     def __init__(self, first_order: bool = False) -> None:
