@@ -8,6 +8,8 @@ tests). The kernels listed in `STOCK_AT_FIRST_ORDER` have a right stock first-or
 exact rules by ``tests/metaopt/autodiff/test_first_order.py``), and they carry most of a convolutional model's
 forward: while only first-order task learners hold the exact scope, they run as Paddle's own kernels, with no
 PyLayer and no extra kernel, and so does every kernel without a rule (no tripwire: nothing differentiates twice).
+A 2-D convolution that the fast kernels (`paddlefsl.metaopt.kernels`) would compute keeps its rule, whose value
+and gradients then come from oneDNN, several times faster than Paddle's convolution kernels on large shapes.
 Every other exact rule stays installed. A ``create_graph=True`` gradient is still audited
 (`paddlefsl.metaopt.autodiff.audit`), so a graph recorded here cannot give a silently wrong higher-order gradient.
 """
@@ -15,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from paddlefsl.metaopt.autodiff import registry
+from paddlefsl.metaopt import kernels
+from paddlefsl.metaopt.autodiff import conv, registry
 
 __all__ = ["STOCK_AT_FIRST_ORDER", "patches"]
 
@@ -27,9 +30,25 @@ def _batch_norm_training(*args: Any, **kwargs: Any) -> bool:
     return is_test is not None and not bool(is_test)
 
 
+def _conv2d_not_fast(x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format, *extra,
+                     **kwargs) -> bool:
+    """True unless the exact ``conv2d`` rule would compute this convolution with the fast kernels
+    (`paddlefsl.metaopt.kernels`): then it is faster than Paddle's own kernel in all three directions, and worth
+    its PyLayer; otherwise the stock kernel is the same work without the rule."""
+    if extra or kwargs or not kernels.fast_kernels_enabled():
+        return True
+    geo, last = conv._geometry(x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format)
+    if last or x.ndim != 4:
+        return True
+    sizes = [(x.shape[2 + i] + geo.pads[2 * i] + geo.pads[2 * i + 1] - weight.shape[2 + i]) // geo.stride[i] + 1
+             for i in range(2)]
+    return not kernels.conv2d_supported(x, weight, geo.dilation, geo.groups, last,
+                                        conv._macs([x.shape[0], weight.shape[0]] + sizes, weight.shape))
+
+
 # kernel -> None (stock first order always right) or a predicate on the kernel's arguments (stock when True).
 STOCK_AT_FIRST_ORDER: dict[str, Callable[..., bool] | None] = {
-    "conv2d": None,
+    "conv2d": _conv2d_not_fast,
     "depthwise_conv2d": None,
     "conv3d": None,
     "conv2d_transpose": None,

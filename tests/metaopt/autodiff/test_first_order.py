@@ -92,11 +92,55 @@ def test_stock_first_order_gradient_equals_the_exact_rule(case):
     try:
         if STOCK_AT_FIRST_ORDER[kernel] is None:
             assert getattr(_C_ops, kernel) is registry.original(kernel)
+        else:  # float64 here: not a call the fast kernels take, so the stock kernel runs
+            assert STOCK_AT_FIRST_ORDER[kernel](*_captured_args(f, arrays, kernel))
         stock, _ = _gradients(f, arrays, weights)
     finally:
         lease.release()
     for e, s in zip(exact, stock):
         np.testing.assert_allclose(s, e, rtol=1e-10, atol=1e-12)
+
+
+def _captured_args(f, arrays, kernel):
+    """The arguments ``f`` passes to ``paddle._C_ops.<kernel>`` (the first call)."""
+    seen = []
+    stock = registry.original(kernel)
+
+    def spy(*args, **kwargs):
+        seen.append(args)
+        return stock(*args, **kwargs)
+
+    saved = getattr(_C_ops, kernel)
+    setattr(_C_ops, kernel, spy)
+    try:
+        f(*[paddle.to_tensor(a) for a in arrays])
+    finally:
+        setattr(_C_ops, kernel, saved)
+    return seen[0]
+
+
+def test_a_convolution_the_fast_kernels_take_keeps_its_rule_at_first_order():
+    """With the fast kernels on, a float32 convolution above MIN_MACS goes through the rule (and oneDNN) at first
+    order too; with them off, or below the threshold, through Paddle's own kernel."""
+    from paddlefsl.metaopt import kernels
+    from paddlefsl.metaopt.kernels import onednn
+    if not onednn.available():
+        pytest.skip("oneDNN not loadable here")
+    x = paddle.to_tensor(_r(2, 16, 32, 32).astype("float32"))
+    w = paddle.to_tensor(_r(16, 16, 3, 3).astype("float32"), stop_gradient=False)
+    small = paddle.to_tensor(_r(1, 16, 4, 4).astype("float32"))
+    previous = kernels.set_fast_kernels(True)
+    lease = scope.Lease(first_order=True)
+    try:
+        big_node = audit._node(F.conv2d(x, w, padding=1)).name()
+        small_node = audit._node(F.conv2d(small, w, padding=1)).name()
+        kernels.set_fast_kernels(False)
+        off_node = audit._node(F.conv2d(x, w, padding=1)).name()
+    finally:
+        lease.release()
+        kernels.set_fast_kernels(previous)
+    assert big_node.startswith("GradNodePyLayer"), big_node
+    assert small_node == off_node == "Conv2dGradNodeFinal", (small_node, off_node)
 
 
 def test_batch_norm_in_eval_mode_with_batch_statistics_keeps_the_rule():
@@ -198,7 +242,8 @@ def test_the_scope_installs_what_the_held_leases_need():
     first = scope.Lease(first_order=True)
     try:
         assert scope.is_active()
-        assert _C_ops.conv2d is registry.original("conv2d")                  # listed: stock
+        assert _C_ops.relu is registry.original("relu")                      # listed: stock
+        assert _C_ops.conv2d is not registry.rules()["conv2d"].replacement   # listed with a predicate: chooser
         assert _C_ops.lgamma is registry.original("lgamma")                  # no rule: stock, unguarded
         assert _C_ops.layer_norm is registry.rules()["layer_norm"].replacement  # stock first order wrong: rule
         assert paddle.grad is scope.audited_grad
@@ -206,7 +251,7 @@ def test_the_scope_installs_what_the_held_leases_need():
         assert _C_ops.conv2d is registry.rules()["conv2d"].replacement
         assert _C_ops.lgamma is not registry.original("lgamma")              # guarded
         second.release()
-        assert _C_ops.conv2d is registry.original("conv2d") and paddle.grad is scope.audited_grad
+        assert _C_ops.relu is registry.original("relu") and paddle.grad is scope.audited_grad
     finally:
         first.release()
     gc.collect()
