@@ -138,7 +138,8 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
     back-propagates a query loss into the meta-model and applies the meta-optimizer.
 
     While a task learner exists, Paddle kernels run through the exact op layer (`paddlefsl.metaopt.autodiff`),
-    for first-order learners too (Paddle's own first-order gradients are wrong for some kernels); once every task
+    for first-order learners too (Paddle's own first-order gradients are wrong for some kernels; a first-order
+    learner's task learners ask only for those rules, `paddlefsl.metaopt.autodiff.first_order`); once every task
     learner is released (``del task`` or rebinding the name), ``paddle._C_ops`` is stock again.
 
     Args:
@@ -343,7 +344,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         task._meta._clones_since_step += 1
         task._adapt_steps = 0
         task._clones_since_step = 0
-        task._lease = scope.Lease()
+        task._lease = scope.Lease(first_order=self.first_order)
         task._graph_tokens = self._graph_tokens + (object(),)
         for name, layer in layers.items():
             setattr(task, name, layer)
@@ -391,6 +392,11 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         if loss.stop_gradient:  # a detached loss: report it as check_scalar_loss would, non-finite first
             check_scalar_loss(loss, where)
         if not first_order:
+            if self._lease is not None and self._lease.first_order:
+                raise ValueError(f"{where}: first_order=False on a task learner of a first-order learner: its forward "
+                                 "passes ran on Paddle's first-order kernels, which are not differentiated twice; "
+                                 "build the learner with first_order=False and pass first_order=True to the steps "
+                                 "that should be first order")
             released.check_released(self._graph_tokens, where)
         with released.owner(self._graph_tokens[-1]):
             grads = scope.grad(loss, list(params), create_graph=not first_order, model=self, step=self._adapt_steps)

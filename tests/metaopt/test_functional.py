@@ -112,3 +112,104 @@ def test_functional_call_with_names_and_sequence_and_restores_on_error():
 def test_not_a_layer():
     with pytest.raises(TypeError, match="layer must be a paddle.nn.Layer"):
         clone_model("model")
+
+
+# ------------------------------------------------------------------------------------------------ _tree_copy
+class _Odd(nn.Layer):
+    """Attributes of every kind a user layer may hold: containers, a cycle, an object with its own deepcopy, a
+    class, a bound method, a frozen tensor outside _parameters, a forward hook."""
+
+    class Note:
+        def __init__(self, text):
+            self.text, self.seen = text, {"count": 1}
+
+    class Custom:
+        copies = 0
+
+        def __deepcopy__(self, memo):
+            type(self).copies += 1
+            return type(self)()
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.shared = [1, (2, "x"), {"k": [3.0]}]
+        self.also = self.shared  # the same list twice
+        self.cycle = {"name": "c"}
+        self.cycle["self"] = self.cycle
+        self.note = _Odd.Note("hello")
+        self.custom = _Odd.Custom()
+        self.kinds = (nn.Linear, int, {1, 2}, frozenset({3}))
+        self.method = self.fc.forward
+        self.table = paddle.to_tensor([1.0, 2.0])
+        self.register_forward_post_hook(lambda layer, inputs, outputs: outputs * 2)
+
+    def forward(self, x):
+        return self.fc(x) * self.table.sum()
+
+
+_SEEDED: set[int] = set()  # ids of the tensors both copies take from the memo (clone_model's trainable copies)
+
+
+def _isomorphic(o, a, b, pairs):
+    """``a`` (copy.deepcopy of ``o``) and ``b`` (_tree_copy of ``o``) have the same structure, values and sharing,
+    and each is a new object exactly where the other is."""
+    assert type(a) is type(b), (type(a), type(b))
+    assert (a is o) == (b is o), (type(o), o)
+    if isinstance(a, (str, int, float, bool, type(None), type)):
+        assert a == b
+        return
+    if id(a) in pairs:
+        assert pairs[id(a)] is b
+        return
+    pairs[id(a)] = b
+    if isinstance(a, paddle.Tensor):
+        assert a.stop_gradient == b.stop_gradient and a.dtype == b.dtype and (a is b) == (id(a) in _SEEDED)
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    elif isinstance(a, dict):
+        assert list(a) == list(b) == list(o)
+        for key in a:
+            _isomorphic(o[key], a[key], b[key], pairs)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b) == len(o)
+        for x, y, z in zip(o, a, b):
+            _isomorphic(x, y, z, pairs)
+    elif isinstance(a, (set, frozenset)):
+        assert a == b
+    elif hasattr(a, "__self__") and hasattr(a, "__func__"):  # a bound method: bound to the copy's object
+        assert a.__func__ is b.__func__
+        _isomorphic(o.__self__, a.__self__, b.__self__, pairs)
+    elif hasattr(a, "__dict__") and (isinstance(a, nn.Layer) or not callable(a)):
+        _isomorphic(vars(o), vars(a), vars(b), pairs)
+    else:
+        assert a is b or a == b, (a, b)
+
+
+def _models():
+    paddle.seed(0)
+    return {"mlp": mlp(), "tied": Tied(), "odd": _Odd(),
+            "conv_bn": nn.Sequential(nn.Conv2D(1, 4, 3), nn.BatchNorm2D(4), nn.ReLU(), nn.MaxPool2D(2)),
+            "lstm": nn.LSTM(3, 4, num_layers=2, direction="bidirect"), "gru": nn.GRU(3, 4),
+            "transformer": nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1),
+            "layer_list": nn.LayerList([nn.Linear(2, 2), nn.LayerNorm(2)])}
+
+
+@pytest.mark.parametrize("name", sorted(_models()))
+def test_tree_copy_copies_as_deepcopy_does(name):
+    """The fast copy behind clone_model gives the same tree as copy.deepcopy (types, values, what is shared,
+    what is a new object), with the same memo; a clone of it computes what the deepcopy-based clone computes."""
+    import copy
+
+    from paddlefsl.metaopt.functional import _tree_copy
+    model = _models()[name]
+
+    seeded = {id(p): p.clone() for p in model.parameters() if not p.stop_gradient}
+    _SEEDED.clear()
+    _SEEDED.update(id(t) for t in seeded.values())
+    expected, got = copy.deepcopy(model, dict(seeded)), _tree_copy(model, dict(seeded))
+    _isomorphic(model, expected, got, {})
+    if name == "odd":
+        assert got.also is got.shared and got.cycle["self"] is got.cycle and got.note is not model.note
+        assert got.method.__self__ is got.fc and got.kinds[0] is nn.Linear and got.table is not model.table
+        clone = clone_model(model)
+        np.testing.assert_array_equal(clone(paddle.ones([1, 3])).numpy(), model(paddle.ones([1, 3])).numpy())

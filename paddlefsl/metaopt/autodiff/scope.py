@@ -18,7 +18,10 @@ Guards only close the doors we know of. What makes a wrong meta-gradient impossi
 node that a ``create_graph=True`` gradient will differentiate, whatever door its kernel came through.
 
 The scope is reference counted. Learners hold a `Lease` for each task learner; when the last lease is released
-every patched attribute is the stock function again.
+every patched attribute is the stock function again. A first-order learner's lease (``Lease(first_order=True)``)
+asks for less: while no other lease is held, the kernels whose stock first-order gradient is right
+(`paddlefsl.metaopt.autodiff.first_order.STOCK_AT_FIRST_ORDER`) and every unregistered kernel run stock, with no
+guard; the other exact rules stay installed and `paddle.grad` stays audited.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import paddle.autograd
 from paddle import _C_ops, _legacy_C_ops
 
 from paddlefsl.metaopt.errors import SecondOrderError
-from paddlefsl.metaopt.autodiff import audit, registry, released
+from paddlefsl.metaopt.autodiff import audit, first_order, registry, released
 from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 OUTSIDE = "<outside the model>"
@@ -40,7 +43,10 @@ UNTRACED = "<unknown (a door paddlefsl does not guard)>"
 
 _lock = threading.RLock()
 _count = 0
+_full = 0  # leases that need every rule and guard (all but first-order learners')
+_level = 0  # what is installed: 0 stock, 1 the first-order table, 2 every rule and guard
 _patches: dict[str, Callable] | None = None
+_first_order_patches: dict[str, Callable] | None = None
 _legacy_patches: dict[str, Callable] | None = None
 _STOCK_GRAD = paddle.grad
 _saved_grads: dict[str, Callable] = {}  # what paddle.grad / paddle.autograd.grad were when the scope was installed
@@ -222,19 +228,22 @@ def audited_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_g
                                                    only_inputs, allow_unused, no_grad_vars, *args, **kwargs)
 
 
-def _install() -> None:
-    global _patches, _legacy_patches
+def _install(level: int) -> None:
+    global _patches, _legacy_patches, _first_order_patches
     if _patches is None:
         _patches = _build_patches()
         _legacy_patches = _build_legacy_patches()
-    for name, fn in _patches.items():
-        setattr(_C_ops, name, fn)
+        _first_order_patches = first_order.patches()
+    table = _patches if level == 2 else _first_order_patches
+    for name in _patches:
+        setattr(_C_ops, name, table.get(name) or registry.original(name))
     for name, fn in _legacy_patches.items():
-        setattr(_legacy_C_ops, name, fn)
-    _saved_grads.update(paddle=paddle.grad, autograd=paddle.autograd.grad)  # stock, or a user's wrapper
-    paddle.grad = paddle.autograd.grad = audited_grad
-    paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _pow, _rpow
-    paddle.Tensor.backward = _RECORDING_BACKWARD
+        setattr(_legacy_C_ops, name, fn if level == 2 else _LEGACY[name])
+    if _level == 0:
+        _saved_grads.update(paddle=paddle.grad, autograd=paddle.autograd.grad)  # stock, or a user's wrapper
+        paddle.grad = paddle.autograd.grad = audited_grad
+        paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _pow, _rpow
+        paddle.Tensor.backward = _RECORDING_BACKWARD
 
 
 def _uninstall() -> None:
@@ -248,6 +257,18 @@ def _uninstall() -> None:
     paddle.Tensor.backward = _STOCK_BACKWARD
 
 
+def _settle() -> None:
+    """Install what the held leases need (called under ``_lock`` after a lease is taken or released)."""
+    global _level
+    level = 2 if _full else 1 if _count else 0
+    if level != _level:
+        if level:
+            _install(level)
+        else:
+            _uninstall()
+        _level = level
+
+
 def is_active() -> bool:
     """Return True while at least one lease on the exact scope is held."""
     return _count > 0
@@ -257,26 +278,32 @@ class Lease:
     """A hold on the exact scope. Releasing the last lease makes Paddle stock again.
 
     A lease is released by `release` or when it is garbage-collected, whichever comes first.
+
+    Args:
+        first_order: the holder differentiates its graphs only once (a first-order learner's task learner): while
+            every held lease is first order, only the exact rules that first-order gradients need are installed
+            (see `paddlefsl.metaopt.autodiff.first_order`).
     """
 
-    def __init__(self) -> None:
-        global _count
+    def __init__(self, first_order: bool = False) -> None:
+        global _count, _full
+        self.first_order = bool(first_order)
         with _lock:
-            if _count == 0:
-                _install()
             _count += 1
+            _full += not self.first_order
+            _settle()
         self._held = True
 
     def release(self) -> None:
         """Give the hold back (idempotent)."""
-        global _count
+        global _count, _full
         with _lock:
-            if not self._held:
+            if not getattr(self, "_held", False):
                 return
             self._held = False
             _count -= 1
-            if _count == 0:
-                _uninstall()
+            _full -= not self.first_order
+            _settle()
 
     def __del__(self) -> None:
         self.release()
