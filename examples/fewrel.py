@@ -150,7 +150,7 @@ def check_relations(p, dataset: FewRel, labels: np.ndarray, need: int, where: st
 
 
 p = episodic.parser(__doc__.splitlines()[0], dict(query=5, iterations=300, meta_batch=4, inner_steps=1,
-                                                  test_inner_steps=3, inner_lr=0.01),
+                                                  test_inner_steps=1, inner_lr=1.0),
                     algorithms=episodic.ALGORITHMS + ("baseline",))
 p.set_defaults(eval_tasks=600, meta_lr=5e-4)
 p.add_argument("--file", default="val_wiki.json", help="FewRel file whose relations are split (default val_wiki.json)")

@@ -144,7 +144,7 @@ def load_fsdd(root: str, seconds: float, mels: int, cache_dir: str) -> tuple:
 
 
 p = episodic.parser(__doc__.splitlines()[0], dict(query=5, iterations=300, meta_batch=4, inner_steps=1,
-                                                  test_inner_steps=3, inner_lr=0.1),
+                                                  test_inner_steps=1, inner_lr=1.0),
                     algorithms=episodic.ALGORITHMS + ("baseline",))
 p.add_argument("--model", choices=("mdtc", "ecapa"), default="mdtc")
 p.add_argument("--channels", type=int, default=16, help="backbone width")

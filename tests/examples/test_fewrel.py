@@ -23,7 +23,7 @@ def _fewrel(out: Path, *extra, data=DATA):
 @needs_data
 @pytest.mark.parametrize("algorithm", ["maml", "baseline"])
 def test_short_run_beats_chance_and_writes_everything(tmp_path, algorithm):
-    extra = ["--meta-batch", "2", "--inner-lr", "0.01", "--eval-tasks", "100", "--ways", "3"]
+    extra = ["--meta-batch", "2", "--inner-lr", "0.01", "--test-inner-steps", "3", "--eval-tasks", "100", "--ways", "3"]
     if algorithm == "baseline":  # cheap iterations (one minibatch each), and it needs more of them
         extra += ["--iterations", "150", "--log-every", "25", "--batch-size", "32", "--finetune-steps", "30"]
     else:
