@@ -166,6 +166,23 @@ def cosine_factor(iteration: int, horizon: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(iteration, horizon) / horizon))
 
 
+def linear_head(in_features: int, ways: int, init: str = "zero") -> nn.Linear:
+    """A ``ways``-way linear head, its weight and bias zeros (``init="zero"``) or Paddle's random init (``"random"``).
+
+    Episode labels are a fresh permutation of the sampled classes, so a random initial head holds no information,
+    only a per-task bias that the few inner steps must undo before they can fit the support set; from zeros, one
+    inner step gives each class the (scaled) sum of its support features, a prototype (the "zeroing trick" of Kao et
+    al., ICLR 2022; Ye and Chao's UNICORN-MAML, ICLR 2022, ties the initial class rows for the same reason).
+    """
+    head = nn.Linear(in_features, ways)
+    if init == "zero":
+        head.weight.set_value(paddle.zeros_like(head.weight))
+        head.bias.set_value(paddle.zeros_like(head.bias))
+    elif init != "random":
+        raise ValueError(f"init must be 'zero' or 'random', got {init!r}")
+    return head
+
+
 def make_learner(args: argparse.Namespace, model: nn.Layer) -> BaseLearner:
     """The learner named by ``--algorithm`` (and ``--learn-inner-lr``) around ``model``, which has ``features`` and
     ``head``; it has no meta-optimizer yet."""

@@ -94,11 +94,24 @@ def build_vocab(dataset: FewRel, indices: np.ndarray, min_freq: int, path: str) 
     return path
 
 
-def encode(dataset: FewRel, tokenizer, max_length: int, vocab_size: int, where: str) -> tuple:
+def encode(dataset: FewRel, tokenizer, max_length: int, vocab_size: int, where: str,
+           added: tuple = ()) -> tuple:
     """Token ids ``[N, max_length]`` (``[CLS] marked pieces [SEP]`` then padding) and how many sentences were cut.
 
+    Args:
+        dataset: The sentences.
+        tokenizer: A PaddleNLP tokenizer that knows the four markers.
+        max_length: Pieces per sentence, ``[CLS]`` and ``[SEP]`` included.
+        vocab_size: Rows of the model's word embedding: every id must lie in ``0..vocab_size - 1``.
+        where: The file name, for messages.
+        added: Ids the script adds rows for after this check (the markers added to a pretrained tokenizer).
+
+    Returns:
+        ``(ids, cut)``.
+
     Raises:
-        ValueError: if a token id falls outside the model's vocabulary (a tokenizer that does not match the model).
+        ValueError: naming the sentence, the id and the vocabulary size, if a token id falls outside the model's
+            vocabulary (a tokenizer that does not belong to the model).
     """
     cache = {}
 
@@ -114,12 +127,16 @@ def encode(dataset: FewRel, tokenizer, max_length: int, vocab_size: int, where: 
         cut += was_cut
         row = tokenizer.convert_tokens_to_ids([tokenizer.cls_token] + pieces + [tokenizer.sep_token])
         ids[n, :len(row)] = row
-    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    bad = np.argwhere((ids < 0) | ((ids >= vocab_size) & ~np.isin(ids, np.asarray(added, dtype=np.int64))))
     if len(bad):
-        n = int(bad[0][0])
-        raise ValueError(f"{where}: sentence {n} ({dataset.relations[dataset.labels[n]]}) has token id "
-                         f"{int(ids[tuple(bad[0])])} outside the model's vocabulary of {vocab_size} "
-                         f"({len(bad)} such ids in all): the tokenizer does not match the model")
+        n, column = (int(i) for i in bad[0])
+        token = tokenizer.convert_ids_to_tokens(int(ids[n, column]))
+        raise ValueError(f"{where}: sentence {n} (relation {dataset.relations[dataset.labels[n]]}) has token id "
+                         f"{int(ids[n, column])} ({token!r}), outside the model's vocabulary of {vocab_size} ids "
+                         f"(0..{vocab_size - 1}); {len(bad)} token(s) in all. The tokenizer does not belong to the "
+                         f"model: give --pretrained a name or folder whose tokenizer and weights match (its "
+                         f"vocab.txt must not list more tokens than the model's config has vocab_size), or leave out "
+                         f"--pretrained to build both from the data")
     return ids, cut
 
 
@@ -133,7 +150,7 @@ def check_relations(p, dataset: FewRel, labels: np.ndarray, need: int, where: st
 
 
 p = episodic.parser(__doc__.splitlines()[0], dict(query=5, iterations=300, meta_batch=4, inner_steps=1,
-                                                  test_inner_steps=3, inner_lr=0.01),
+                                                  test_inner_steps=1, inner_lr=1.0),
                     algorithms=episodic.ALGORITHMS + ("baseline",))
 p.set_defaults(eval_tasks=600, meta_lr=5e-4)
 p.add_argument("--file", default="val_wiki.json", help="FewRel file whose relations are split (default val_wiki.json)")
@@ -148,6 +165,9 @@ p.add_argument("--layers", type=int, default=2)
 p.add_argument("--heads", type=int, default=2)
 p.add_argument("--pretrained", default=None, metavar="NAME",
                help="a PaddleNLP ERNIE name (e.g. ernie-2.0-base-en) for weights and tokenizer (needs internet)")
+p.add_argument("--head-init", choices=("zero", "random"), default="zero",
+               help="meta-learners' linear head: zeros (default; episode labels are a random permutation, so a "
+                    "random head only adds a bias the inner loop must undo) or PaddlePaddle's random init")
 baseline.add_arguments(p)
 args = p.parse_args()
 episodic.check_args(p, args)
@@ -177,13 +197,13 @@ if args.pretrained:
     tokenizer = ErnieTokenizer.from_pretrained(args.pretrained)
     tokenizer.add_tokens(MARKERS)
     ernie = ErnieModel.from_pretrained(args.pretrained, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    ernie.resize_token_embeddings(len(tokenizer))
-    vocab_size = len(tokenizer)
+    vocab_size = ernie.config.vocab_size  # the tokenizer's own ids must fit the weights; the markers get new rows
+    added = tuple(i for i in tokenizer.convert_tokens_to_ids(MARKERS) if i >= vocab_size)
 else:
     vocab = build_vocab(data, np.flatnonzero(is_train), args.min_freq,
                         os.path.join(args.out, "vocab.txt"))
     tokenizer = ErnieTokenizer(vocab)
-    vocab_size = len(tokenizer.vocab)
+    vocab_size, added = len(tokenizer.vocab), ()
     paddle.seed(args.seed)
     config = ErnieConfig(vocab_size=vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                          num_attention_heads=args.heads, intermediate_size=2 * args.hidden_size,
@@ -191,7 +211,13 @@ else:
                          attention_probs_dropout_prob=0.0)
     ernie = ErnieModel(config)
 head_id, tail_id = tokenizer.convert_tokens_to_ids([MARKERS[0], MARKERS[2]])
-ids, cut = encode(data, tokenizer, args.max_length, vocab_size, args.file)
+try:
+    ids, cut = encode(data, tokenizer, args.max_length, vocab_size, args.file, added)
+except ValueError as err:
+    p.error(str(err))
+if added:
+    ernie.resize_token_embeddings(max(added) + 1)
+    vocab_size = max(added) + 1
 unknown = float(np.mean(ids[~is_train][ids[~is_train] != tokenizer.pad_token_id] == tokenizer.unk_token_id))
 print(f"{args.file}: {int(is_train.sum())} meta-training and {int((~is_train).sum())} meta-test sentences, "
       f"vocabulary {vocab_size}, {cut} sentences cut to --max-length {args.max_length}, "
@@ -206,7 +232,10 @@ if args.cross_domain_file and os.path.exists(os.path.join(args.data_root, args.c
     except CorruptDatasetError as err:
         p.exit(2, f"{p.prog}: error: {err}\n")
     check_relations(p, other, other.labels, args.shots + args.query, args.cross_domain_file)
-    other_ids, _ = encode(other, tokenizer, args.max_length, vocab_size, args.cross_domain_file)
+    try:
+        other_ids, _ = encode(other, tokenizer, args.max_length, vocab_size, args.cross_domain_file)
+    except ValueError as err:
+        p.error(str(err))
     cross = SimpleNamespace(images=other_ids, labels=other.labels)
 elif args.cross_domain_file:
     print(f"{args.cross_domain_file} not found in {args.data_root}: no cross-domain test")
@@ -228,7 +257,8 @@ if args.algorithm == "baseline":
     results = baseline.run(args, features, 2 * ernie.config.hidden_size, train, test, extra_eval=cross_domain)
 else:
     paddle.seed(args.seed + 1)
-    model = RelationClassifier(features, nn.Linear(2 * ernie.config.hidden_size, args.ways))
+    model = RelationClassifier(features, episodic.linear_head(2 * ernie.config.hidden_size, args.ways,
+                                                              args.head_init))
     results = episodic.run(args, model, train, test, extra_eval=cross_domain)
 if cross is not None:
     print(f"cross-domain ({args.cross_domain_file}) accuracy {100 * results[f'{key}_accuracy']:.2f} "

@@ -144,7 +144,7 @@ def load_fsdd(root: str, seconds: float, mels: int, cache_dir: str) -> tuple:
 
 
 p = episodic.parser(__doc__.splitlines()[0], dict(query=5, iterations=300, meta_batch=4, inner_steps=1,
-                                                  test_inner_steps=3, inner_lr=0.1),
+                                                  test_inner_steps=1, inner_lr=1.0),
                     algorithms=episodic.ALGORITHMS + ("baseline",))
 p.add_argument("--model", choices=("mdtc", "ecapa"), default="mdtc")
 p.add_argument("--channels", type=int, default=16, help="backbone width")
@@ -153,6 +153,9 @@ p.add_argument("--seconds", type=float, default=1.0, help="cut or zero-pad each 
 p.add_argument("--test-speakers", default="theo,yweweler",
                help="comma-separated held-out speakers for meta-testing (the others meta-train)")
 p.add_argument("--cache-dir", default=None, help="where the features are cached (default DATA_ROOT/paddlefsl_cache)")
+p.add_argument("--head-init", choices=("zero", "random"), default="zero",
+               help="meta-learners' linear head: zeros (default; episode labels are a random permutation, so a "
+                    "random head only adds a bias the inner loop must undo) or PaddlePaddle's random init")
 baseline.add_arguments(p)
 args = p.parse_args()
 episodic.check_args(p, args)
@@ -197,4 +200,5 @@ backbone = MDTCFeatures(args.mels, args.channels) if args.model == "mdtc" else E
 if args.algorithm == "baseline":
     baseline.run(args, backbone, backbone.dim, train, test)
 else:
-    episodic.run(args, SpokenWordClassifier(backbone, nn.Linear(backbone.dim, args.ways)), train, test)
+    episodic.run(args, SpokenWordClassifier(backbone, episodic.linear_head(backbone.dim, args.ways, args.head_init)),
+                 train, test)

@@ -18,8 +18,8 @@ from paddlefsl.training import save_checkpoint
 from tests.examples.scripts import ROOT, read_checkpoint, run_example
 
 sys.path.insert(0, str(ROOT / "examples"))
-from episodic import (CHANGEABLE_ON_RESUME, CtrlC, check_resume, config_differences, parser,  # noqa: E402
-                      run_config)
+from episodic import (CHANGEABLE_ON_RESUME, CtrlC, check_resume, config_differences, linear_head,  # noqa: E402
+                      parser, run_config)
 
 SMALL = ["--meta-batch", "2", "--query", "2", "--test-inner-steps", "1", "--eval-tasks", "3"]
 
@@ -155,3 +155,31 @@ def test_a_checkpoint_without_stored_options_is_resumed_with_a_note(tmp_path, ca
     p = parser("test", dict(query=5, iterations=10, meta_batch=4, inner_steps=1, test_inner_steps=3, inner_lr=0.4))
     check_resume(p, p.parse_args(["--data-root", str(tmp_path), "--out", str(tmp_path), "--resume"]))
     assert "predates stored run settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("init", ["zero", "random"])
+def test_linear_head_starts_from_zeros_or_paddles_random_init(init):
+    paddle.seed(0)
+    head = linear_head(6, 3, init)
+    assert head.weight.shape == [6, 3] and head.bias.shape == [3]
+    weight = head.weight.numpy()
+    if init == "zero":
+        assert not weight.any() and not head.bias.numpy().any()
+    else:
+        assert weight.std() > 0.1
+
+
+def test_linear_head_zero_one_step_scores_the_support_prototypes():
+    """From zeros, one SGD step on the support cross-entropy gives class c the row ``lr / n * sum_j (y_jc - 1/N) f_j``:
+    the class prototypes, centred. The property the zero head is there for."""
+    head = linear_head(4, 2, "zero")
+    features = paddle.to_tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])
+    labels = paddle.to_tensor([0, 1, 1])
+    paddle.nn.functional.cross_entropy(head(features), labels).backward()
+    expected = -(np.eye(2)[[0, 1, 1]] - 0.5).T @ features.numpy() / 3
+    np.testing.assert_allclose(head.weight.grad.numpy().T, expected, rtol=1e-6)
+
+
+def test_linear_head_rejects_an_unknown_init():
+    with pytest.raises(ValueError, match="init must be 'zero' or 'random', got 'ones'"):
+        linear_head(4, 2, "ones")

@@ -23,7 +23,7 @@ def _fewrel(out: Path, *extra, data=DATA):
 @needs_data
 @pytest.mark.parametrize("algorithm", ["maml", "baseline"])
 def test_short_run_beats_chance_and_writes_everything(tmp_path, algorithm):
-    extra = ["--meta-batch", "2", "--inner-lr", "0.01", "--eval-tasks", "100", "--ways", "3"]
+    extra = ["--meta-batch", "2", "--inner-lr", "0.01", "--test-inner-steps", "3", "--eval-tasks", "100", "--ways", "3"]
     if algorithm == "baseline":  # cheap iterations (one minibatch each), and it needs more of them
         extra += ["--iterations", "150", "--log-every", "25", "--batch-size", "32", "--finetune-steps", "30"]
     else:
@@ -99,3 +99,37 @@ def test_bad_input_is_named(tmp_path, case, message):
     assert run.returncode != 0
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
     assert "fewrel.py: error: " in run.stderr and message in run.stderr, run.stderr[-2000:]
+
+
+def _pretrained_folder(folder: Path, vocab_size: int, words: list) -> Path:
+    """A --pretrained folder as PaddleNLP writes it (model_config.json, model_state.pdparams, vocab.txt) whose
+    tokenizer lists ``words`` after the special tokens and whose model has ``vocab_size`` embedding rows."""
+    from paddlenlp.transformers import ErnieConfig, ErnieModel, ErnieTokenizer
+
+    folder.mkdir()
+    ErnieModel(ErnieConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=32)).save_pretrained(str(folder))
+    vocab = folder / "vocab.txt"
+    vocab.write_text("".join(w + "\n" for w in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words))
+    ErnieTokenizer(str(vocab)).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("model_rows", [13, 20])
+def test_token_ids_outside_the_model_vocabulary_are_named(tmp_path, model_rows):
+    """A --pretrained folder whose tokenizer lists more tokens than its weights have rows: the example names the
+    first such id, the vocabulary size and what to do, instead of growing the embedding with random rows (or failing
+    deep inside Paddle). With enough rows the same folder runs."""
+    root = _write(tmp_path / "data", 6, 5)
+    words = ["w0", "w1", "w2", "w3", "w4", "w5", "x", "v0", "v1", "v2", "y"]  # ids 5..15, in order
+    folder = _pretrained_folder(tmp_path / "model", model_rows, words)
+    run = _fewrel(tmp_path / "out", "--pretrained", folder, "--ways", "3", "--train-relations", "3",
+                  "--iterations", "1", "--eval-tasks", "2", "--cross-domain-file", "", data=root)
+    if model_rows == 20:
+        assert run.returncode == 0, run.stderr[-3000:]
+        return
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    # sentence 0 reads [CLS] [E1] w0 [/E1] x [E2] v0 [/E2] y [SEP]: w0, x and v0 are ids 5, 11 and 12, y is 15
+    assert "fewrel.py: error: val_wiki.json: sentence 0 (relation P0) has token id 15 ('y'), outside the model's " \
+           "vocabulary of 13 ids (0..12)" in run.stderr, run.stderr[-3000:]
+    assert "give --pretrained a name or folder whose tokenizer and weights match" in run.stderr
