@@ -306,6 +306,8 @@ class Lease:
             _settle()
 
     def __del__(self) -> None:
+        if _lock is None:  # interpreter shutdown has already cleared this module: nothing is left to restore
+            return
         self.release()
 
 

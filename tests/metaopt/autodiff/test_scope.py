@@ -114,3 +114,18 @@ def test_rng_stream_advances_as_in_stock_paddle(first_order):
     F.cross_entropy(query, y).backward()
     np.testing.assert_array_equal(paddle.rand([4]).numpy(), stock_next)
     np.testing.assert_allclose(support.numpy(), stock_outputs[0], rtol=1e-12)
+
+
+def test_a_lease_collected_after_interpreter_shutdown_cleared_the_module_is_silent(monkeypatch):
+    """At exit Python may clear this module's globals before the last task learner goes; __del__ must not raise."""
+    from paddlefsl.metaopt.autodiff import scope
+
+    lease = scope.Lease()
+    try:
+        monkeypatch.setattr(scope, "_lock", None)
+        lease.__del__()  # raised TypeError: 'NoneType' object does not support the context manager protocol
+        assert lease._held
+    finally:
+        monkeypatch.undo()
+        lease.release()
+    assert not scope.is_active()
