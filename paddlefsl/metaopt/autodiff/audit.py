@@ -135,14 +135,15 @@ def differentiable_nodes() -> frozenset[str]:
     return _cache[1]
 
 
-_NODE = re.compile(r"^(?P<op>.+?)(?P<level>Double|Triple)?GradNode(?P<compat>Compat)?$")
+_NODE = re.compile(r"^(?P<op>.+?)(?P<level>Double|Triple)?GradNode(?P<compat>Compat)?(?:Final)?$")
 
 
 def node_op(name: str) -> tuple[str, int, str]:
     """Split a grad node's name into the op it comes from, its derivative order and its door.
 
     Args:
-        name: e.g. ``"SquareDoubleGradNode"``, ``"reluGradNodeCompat"`` or ``"GradNodePyLayer_Cube"``.
+        name: e.g. ``"SquareDoubleGradNode"``, ``"reluGradNodeCompat"``, ``"Conv2dGradNodeFinal"`` or
+            ``"GradNodePyLayer_Cube"``.
 
     Returns:
         ``(op, order, door)``: e.g. ``("square", 2, "paddle._C_ops")``, ``("relu", 1, "paddle._legacy_C_ops")``,

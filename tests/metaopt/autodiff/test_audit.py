@@ -195,6 +195,7 @@ def test_node_op_parses_the_doors():
     assert audit.node_op("reluGradNodeCompat") == ("relu", 1, "paddle._legacy_C_ops")
     assert audit.node_op("GradNodePyLayer_Cube") == ("Cube", 1, "PyLayer")
     assert audit.node_op("BatchNormGradNode") == ("batch_norm", 1, "paddle._C_ops")
+    assert audit.node_op("Conv2dGradNodeFinal") == ("conv2d", 1, "paddle._C_ops")
 
 
 def test_differentiable_nodes_follow_the_verified_orders():
