@@ -210,12 +210,12 @@ def check_loss_function_once(root: nn.Layer, loss: paddle.Tensor, allowed: list[
     root._loss_function_checked = True
 
 
-def _check_leaves(loss: paddle.Tensor, allowed: list[paddle.Tensor], index: int) -> None:
-    """Raise if ``loss`` depends on a tensor that needs gradients other than ``allowed`` (the step's inputs):
-    its meta-gradient through the recomputed steps would be missing."""
+def _reads_foreign_leaf(roots: list[paddle.Tensor], allowed: list[paddle.Tensor]) -> bool:
+    """True if ``roots`` depend on a tensor that needs gradients other than ``allowed`` (a graph walk: call it once
+    per model, since in Paddle 3.3 a walked graph stays alive)."""
     known = {t.grad_fn.node_ptr() for t in allowed}
     seen: set[int] = set()
-    stack = [loss.grad_fn]
+    stack = [r.grad_fn for r in roots if isinstance(r, paddle.Tensor) and not r.stop_gradient]
     while stack:
         node = stack.pop()
         if node is None:
@@ -225,12 +225,20 @@ def _check_leaves(loss: paddle.Tensor, allowed: list[paddle.Tensor], index: int)
             continue
         seen.add(ptr)
         if node.name() == "GradNodeAccumulation" and ptr not in known:
-            raise ValueError(
-                f"adapt step {index + 1}: the loss function uses a tensor that needs gradients and is not a "
-                "parameter of the learner it is given; the loss must be computed from that learner only "
-                "(task.adapt(lambda learner: loss_fn(learner(x), y))), not from the task learner or other tensors "
-                "captured by the function, or their meta-gradient through the replayed steps would be missing")
+            return True
         stack.extend(n[0] if isinstance(n, tuple) else n for n in node.next_functions)
+    return False
+
+
+def _check_leaves(loss: paddle.Tensor, allowed: list[paddle.Tensor], index: int) -> None:
+    """Raise if ``loss`` depends on a tensor that needs gradients other than ``allowed`` (the step's inputs):
+    its meta-gradient through the recomputed steps would be missing."""
+    if _reads_foreign_leaf([loss], allowed):
+        raise ValueError(
+            f"adapt step {index + 1}: the loss function uses a tensor that needs gradients and is not a "
+            "parameter of the learner it is given; the loss must be computed from that learner only "
+            "(task.adapt(lambda learner: loss_fn(learner(x), y))), not from the task learner or other tensors "
+            "captured by the function, or their meta-gradient through the replayed steps would be missing")
 
 
 def _set_buffers(tensors: list[paddle.Tensor], values: list[paddle.Tensor]) -> None:
@@ -566,25 +574,13 @@ _walked: "weakref.WeakSet[nn.Layer]" = weakref.WeakSet()
 def _check_loop_leaves(roots: list[paddle.Tensor], allowed: list[paddle.Tensor], step: int) -> None:
     """Raise if ``roots`` (the loss and the new weights and state of a step's value run) depend on a tensor that
     needs gradients other than ``allowed`` (the step's inputs)."""
-    known = {t.grad_fn.node_ptr() for t in allowed}
-    seen: set[int] = set()
-    stack = [r.grad_fn for r in roots if isinstance(r, paddle.Tensor) and not r.stop_gradient]
-    while stack:
-        node = stack.pop()
-        if node is None:
-            continue
-        ptr = node.node_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        if node.name() == "GradNodeAccumulation" and ptr not in known:
-            raise ValueError(
-                f"diffopt.step (step {step}): the loss function or grad_callback uses a tensor that needs gradients "
-                "and is not a fast weight of the functional model the function is given, nor an override of "
-                "innerloop_ctx; with recompute, compute the loss from that model only "
-                "(diffopt.step(lambda fmodel: loss_fn(fmodel(x), y))), not from the outer fmodel or other tensors "
-                "captured by the function, or their meta-gradient through the replayed steps would be missing")
-        stack.extend(n[0] if isinstance(n, tuple) else n for n in node.next_functions)
+    if _reads_foreign_leaf(roots, allowed):
+        raise ValueError(
+            f"diffopt.step (step {step}): the loss function or grad_callback uses a tensor that needs gradients "
+            "and is not a fast weight of the functional model the function is given, nor an override of "
+            "innerloop_ctx; with recompute, compute the loss from that model only "
+            "(diffopt.step(lambda fmodel: loss_fn(fmodel(x), y))), not from the outer fmodel or other tensors "
+            "captured by the function, or their meta-gradient through the replayed steps would be missing")
 
 
 def recomputed_loop_step(program: LoopProgram, boundary: _Boundary | None, closure: Closure,
