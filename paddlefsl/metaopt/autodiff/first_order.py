@@ -30,6 +30,14 @@ def _batch_norm_training(*args: Any, **kwargs: Any) -> bool:
     return is_test is not None and not bool(is_test)
 
 
+# A first-order convolution keeps its rule (a PyLayer around the oneDNN kernels) from this many multiply-adds on.
+# Below it the PyLayer costs more than oneDNN saves: W1 (Omniglot Conv4, largest convolution 9.0 million
+# multiply-adds) ran 0.69 / 0.61 / 0.68 s per first-order meta-iteration with the fast kernels off against
+# 0.75 / 0.75 / 0.78 s with them on (alternating processes, 2 threads), while W2 (miniImageNet Conv4-32, 20 million
+# to 1.2 billion) gained 0.74 to 0.90x from the rule.
+FIRST_ORDER_MIN_MACS = 1 << 24
+
+
 def _conv2d_not_fast(x, weight, strides, paddings, padding_algorithm, dilations, groups, data_format, *extra,
                      **kwargs) -> bool:
     """True unless the exact ``conv2d`` rule would compute this convolution with the fast kernels
@@ -42,8 +50,8 @@ def _conv2d_not_fast(x, weight, strides, paddings, padding_algorithm, dilations,
         return True
     sizes = [(x.shape[2 + i] + geo.pads[2 * i] + geo.pads[2 * i + 1] - weight.shape[2 + i]) // geo.stride[i] + 1
              for i in range(2)]
-    return not kernels.conv2d_supported(x, weight, geo.dilation, geo.groups, last,
-                                        conv._macs([x.shape[0], weight.shape[0]] + sizes, weight.shape))
+    macs = conv._macs([x.shape[0], weight.shape[0]] + sizes, weight.shape)
+    return macs < FIRST_ORDER_MIN_MACS or not kernels.conv2d_supported(x, weight, geo.dilation, geo.groups, last, macs)
 
 
 # kernel -> None (stock first order always right) or a predicate on the kernel's arguments (stock when True).

@@ -120,19 +120,24 @@ def _captured_args(f, arrays, kernel):
 
 
 def test_a_convolution_the_fast_kernels_take_keeps_its_rule_at_first_order():
-    """With the fast kernels on, a float32 convolution above MIN_MACS goes through the rule (and oneDNN) at first
-    order too; with them off, or below the threshold, through Paddle's own kernel."""
+    """With the fast kernels on, a float32 convolution of at least FIRST_ORDER_MIN_MACS multiply-adds goes through the
+    rule (and oneDNN) at first order too; with them off, or below that (even above the kernels' own MIN_MACS, where
+    the PyLayer costs more than oneDNN saves), through Paddle's own kernel."""
     from paddlefsl.metaopt import kernels
+    from paddlefsl.metaopt.autodiff import first_order
     from paddlefsl.metaopt.kernels import onednn
     if not onednn.available():
         pytest.skip("oneDNN not loadable here")
-    x = paddle.to_tensor(_r(2, 16, 32, 32).astype("float32"))
-    w = paddle.to_tensor(_r(16, 16, 3, 3).astype("float32"), stop_gradient=False)
-    small = paddle.to_tensor(_r(1, 16, 4, 4).astype("float32"))
+    x = paddle.to_tensor(_r(8, 32, 32, 32).astype("float32"))        # 75 million multiply-adds
+    w = paddle.to_tensor(_r(32, 32, 3, 3).astype("float32"), stop_gradient=False)
+    middle = paddle.to_tensor(_r(1, 32, 32, 32).astype("float32"))   # 9.4 million: above MIN_MACS, below the other
+    small = paddle.to_tensor(_r(1, 32, 4, 4).astype("float32"))
+    assert kernels.MIN_MACS < 1 * 32 * 32 * 32 * 32 * 9 < first_order.FIRST_ORDER_MIN_MACS < 8 * 32 * 32 * 32 * 32 * 9
     previous = kernels.set_fast_kernels(True)
     lease = scope.Lease(first_order=True)
     try:
         big_node = audit._node(F.conv2d(x, w, padding=1)).name()
+        middle_node = audit._node(F.conv2d(middle, w, padding=1)).name()
         small_node = audit._node(F.conv2d(small, w, padding=1)).name()
         kernels.set_fast_kernels(False)
         off_node = audit._node(F.conv2d(x, w, padding=1)).name()
@@ -140,7 +145,7 @@ def test_a_convolution_the_fast_kernels_take_keeps_its_rule_at_first_order():
         lease.release()
         kernels.set_fast_kernels(previous)
     assert big_node.startswith("GradNodePyLayer"), big_node
-    assert small_node == off_node == "Conv2dGradNodeFinal", (small_node, off_node)
+    assert middle_node == small_node == off_node == "Conv2dGradNodeFinal", (middle_node, small_node, off_node)
 
 
 def test_batch_norm_in_eval_mode_with_batch_statistics_keeps_the_rule():
