@@ -331,7 +331,8 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
     betas, epsilon, L1/L2 regularizers, AdamW's decoupled decay, gradient clipping) but out of place, so the loss
     after ``k`` steps is differentiable w.r.t. everything before. ``optimizer`` itself is never stepped.
     While the block runs (with ``track_higher_grads=True``) Paddle kernels are exact at higher order
-    (`exact_ops()`), or raise `SecondOrderError`.
+    (`exact_ops()`), or raise `SecondOrderError`; with ``track_higher_grads=False`` the kernels whose stock
+    first-order gradient is wrong (see `paddlefsl.metaopt.autodiff.first_order`) still get their exact rules.
 
     ``copy_initial_weights`` decides where the meta-gradient of the initial weights goes:
 
@@ -425,12 +426,12 @@ def innerloop_ctx(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, copy_i
     fmodel = FunctionalModel(model, initial)
     diffopt = DifferentiableOptimizer(optimizer, fmodel, override=override, track_higher_grads=track_higher_grads,
                                       inner_steps=inner_steps, truncate=truncate, recompute=recompute)
-    lease = scope.Lease() if track_higher_grads else None
-    handles = scope.track_layers(model) if track_higher_grads else []
+    # Without higher gradients a first-order lease still brings the rules whose stock first-order gradient is wrong.
+    lease = scope.Lease(first_order=not track_higher_grads)
+    handles = scope.track_layers(model)
     try:
         yield fmodel, diffopt
     finally:
         for handle in handles:
             handle.remove()
-        if lease is not None:
-            lease.release()
+        lease.release()

@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 import os
 
@@ -204,7 +205,11 @@ def test_exact_scope_is_held_only_inside_the_block():
         assert is_active()
     assert is_active() == outside
     with innerloop_ctx(model, O.SGD(0.1, parameters=model.parameters()), track_higher_grads=False):
-        assert is_active() == outside
+        from paddle import _C_ops
+        assert is_active()  # the first-order level: only the rules whose stock first-order gradient is wrong
+        assert _C_ops.relu is registry.original("relu") or outside
+        assert _C_ops.layer_norm is registry.rules()["layer_norm"].replacement
+    assert is_active() == outside
 
 
 def _guarded_op():
@@ -326,3 +331,31 @@ def test_diffopt_step_under_no_grad_says_so():
         with paddle.no_grad():
             with pytest.raises(RuntimeError, match=r"diffopt.step \(step 1\): gradient recording is off"):
                 diffopt.step(loss)
+
+
+def _group_norm_loop_grads(exact: bool) -> list[np.ndarray]:
+    """First-order meta-gradient of a model with an affine-free group norm (whose stock first-order input gradient
+    is wrong in Paddle 3.3.1), from innerloop_ctx(track_higher_grads=False); with ``exact``, inside exact_ops()."""
+    from paddlefsl.metaopt import exact_ops
+    paddle.seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GroupNorm(2, 6, weight_attr=False, bias_attr=False), nn.Tanh(),
+                          nn.Linear(6, 1))
+    model.to(dtype="float64")
+    rng = np.random.default_rng(0)
+    x, y = (paddle.to_tensor(rng.standard_normal(shape)) for shape in ([8, 4], [8, 1]))
+    opt = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    scope = exact_ops() if exact else contextlib.nullcontext()
+    with scope:
+        with innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=False) as (fmodel, diffopt):
+            diffopt.step(F.mse_loss(fmodel(x), y))
+            F.mse_loss(fmodel(x), y).backward()
+    grads = [p.grad.numpy().copy() for p in model.parameters()]
+    model.clear_gradients()
+    return grads
+
+
+def test_track_higher_grads_false_uses_the_rules_first_order_needs():
+    """Stock group_norm's first-order input gradient is wrong; track_higher_grads=False must still get it right."""
+    plain, exact = _group_norm_loop_grads(False), _group_norm_loop_grads(True)
+    for p, e in zip(plain, exact):
+        np.testing.assert_allclose(p, e, rtol=1e-10, atol=1e-12)
