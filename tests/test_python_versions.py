@@ -57,7 +57,8 @@ def _problems(path: str, minimum: tuple[int, int]) -> list[str]:
                 problems.append(f"line {node.lineno}: match statement (Python 3.10+)")
             if isinstance(node, ast.Call):
                 name = getattr(node.func, "id", getattr(node.func, "attr", ""))
-                if name == "isinstance" and len(node.args) == 2 and isinstance(node.args[1], ast.BinOp):
+                if name == "isinstance" and len(node.args) == 2 and isinstance(node.args[1], ast.BinOp) \
+                        and isinstance(node.args[1].op, ast.BitOr):
                     problems.append(f"line {node.lineno}: isinstance(x, A | B) (Python 3.10+)")
                 if name == "zip" and any(k.arg == "strict" for k in node.keywords):
                     problems.append(f"line {node.lineno}: zip(strict=...) (Python 3.10+)")
@@ -77,3 +78,9 @@ def test_the_scan_finds_a_runtime_pep_604_annotation(tmp_path):
     bad.write_text("def f(x: dict | None = None):\n    return isinstance(x, int | str)\n")
     assert len(_problems(str(bad), (3, 9))) == 2
     assert _problems(str(bad), (3, 10)) == []
+
+
+def test_a_tuple_of_types_joined_with_plus_is_not_a_union(tmp_path):
+    ok = tmp_path / "ok.py"
+    ok.write_text("PLAIN = (int, str)\ndef f(x):\n    return isinstance(x, (float,) + PLAIN)\n")
+    assert _problems(str(ok), (3, 9)) == []
