@@ -304,15 +304,17 @@ for _name in ("max", "min", "amax", "amin"):
 
 
 class _Reciprocal(GuardedPyLayer):
+    """Saves its input, not its output (see activation._Softmax: a saved output leaks)."""
+
     @staticmethod
     def forward(ctx, x):
-        y = original("reciprocal")(x)
-        ctx.save_for_backward(y)
-        return y
+        ctx.save_for_backward(x)
+        return original("reciprocal")(x)
 
     @staticmethod
     def backward(ctx, grad):
-        (y,) = ctx.saved_tensor()
+        (x,) = ctx.saved_tensor()
+        y = paddle._C_ops.reciprocal(x)
         return -grad * y * y
 
 
@@ -363,15 +365,15 @@ def bilinear(x, y, weight, bias=None, out=None, **kwargs):
 class _PNorm(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, porder, axis, epsilon, keepdim, asvector):
-        y = original("p_norm")(x, porder, axis, epsilon, keepdim, asvector)
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(x)  # not the output: see activation._Softmax (a saved output leaks)
         ctx.args = (porder, axis, epsilon, keepdim, asvector)
-        return y
+        return original("p_norm")(x, porder, axis, epsilon, keepdim, asvector)
 
     @staticmethod
     def backward(ctx, grad):
-        x, y = ctx.saved_tensor()
+        (x,) = ctx.saved_tensor()
         porder, axis, epsilon, keepdim, asvector = ctx.args
+        y = paddle._C_ops.p_norm(x, porder, axis, epsilon, keepdim, asvector)
         if asvector:
             kshape = [1] * len(x.shape)
         else:
