@@ -166,6 +166,14 @@ def cosine_factor(iteration: int, horizon: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(iteration, horizon) / horizon))
 
 
+def add_head_init_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--head-init zero|random``, the choice `linear_head` takes (for the examples that build their head)."""
+    parser.add_argument("--head-init", choices=("zero", "random"), default="zero",
+                        help="meta-learners' linear head: zeros (default; episode labels are a random permutation, "
+                             "so a random head only adds a bias the inner loop must undo) or PaddlePaddle's random "
+                             "init")
+
+
 def linear_head(in_features: int, ways: int, init: str = "zero") -> nn.Linear:
     """A ``ways``-way linear head, its weight and bias zeros (``init="zero"``) or Paddle's random init (``"random"``).
 

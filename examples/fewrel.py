@@ -165,9 +165,7 @@ p.add_argument("--layers", type=int, default=2)
 p.add_argument("--heads", type=int, default=2)
 p.add_argument("--pretrained", default=None, metavar="NAME",
                help="a PaddleNLP ERNIE name (e.g. ernie-2.0-base-en) for weights and tokenizer (needs internet)")
-p.add_argument("--head-init", choices=("zero", "random"), default="zero",
-               help="meta-learners' linear head: zeros (default; episode labels are a random permutation, so a "
-                    "random head only adds a bias the inner loop must undo) or PaddlePaddle's random init")
+episodic.add_head_init_argument(p)
 baseline.add_arguments(p)
 args = p.parse_args()
 episodic.check_args(p, args)

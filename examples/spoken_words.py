@@ -153,9 +153,7 @@ p.add_argument("--seconds", type=float, default=1.0, help="cut or zero-pad each 
 p.add_argument("--test-speakers", default="theo,yweweler",
                help="comma-separated held-out speakers for meta-testing (the others meta-train)")
 p.add_argument("--cache-dir", default=None, help="where the features are cached (default DATA_ROOT/paddlefsl_cache)")
-p.add_argument("--head-init", choices=("zero", "random"), default="zero",
-               help="meta-learners' linear head: zeros (default; episode labels are a random permutation, so a "
-                    "random head only adds a bias the inner loop must undo) or PaddlePaddle's random init")
+episodic.add_head_init_argument(p)
 baseline.add_arguments(p)
 args = p.parse_args()
 episodic.check_args(p, args)
