@@ -90,8 +90,20 @@ def _cf_format(nd: int) -> str:
     return "NCHW" if nd == 2 else "NCDHW"
 
 
+def _unrecorded(x: paddle.Tensor, w: paddle.Tensor) -> bool:
+    """Whether a kernel's result here gets no grad node (a backward pass that records no graph)."""
+    return not paddle.is_grad_enabled() or (x.stop_gradient and w.stop_gradient)
+
+
 def conv_cf(x: paddle.Tensor, w: paddle.Tensor, geo: ConvGeometry) -> paddle.Tensor:
-    """Channel-first convolution with explicit pads, through the public (scope-routed) functional API."""
+    """Channel-first convolution with explicit pads, through the public (scope-routed) functional API.
+
+    Where no graph is recorded, a 2-D convolution goes straight to the fast kernel when it supports the call
+    (the scope may route the public API to Paddle's own kernel, as a first-order lease does)."""
+    if geo.nd == 2 and _unrecorded(x, w):
+        stride, pads, dilation = list(geo.stride), list(geo.pads), list(geo.dilation)
+        stock = lambda a, b: original("conv2d")(a, b, stride, pads, "EXPLICIT", dilation, geo.groups, "NCHW")
+        return _fast_conv2d(stock, geo, False)(x, w)
     fn = F.conv2d if geo.nd == 2 else F.conv3d
     return fn(x, w, None, stride=list(geo.stride), padding=list(geo.pads), dilation=list(geo.dilation),
               groups=geo.groups, data_format=_cf_format(geo.nd))
@@ -99,7 +111,14 @@ def conv_cf(x: paddle.Tensor, w: paddle.Tensor, geo: ConvGeometry) -> paddle.Ten
 
 def conv_transpose_cf(x: paddle.Tensor, w: paddle.Tensor, geo: ConvGeometry,
                       out_sizes: Sequence[int]) -> paddle.Tensor:
-    """Channel-first transposed convolution with explicit pads and output size, through the public API."""
+    """Channel-first transposed convolution with explicit pads and output size, through the public API (straight
+    to the fast kernel where no graph is recorded, as `conv_cf`)."""
+    if geo.nd == 2 and _unrecorded(x, w):
+        stride, pads, dilation = list(geo.stride), list(geo.pads), list(geo.dilation)
+        sizes = [int(s) for s in out_sizes]
+        stock = lambda a, b: original("conv2d_transpose")(a, b, stride, pads, [], sizes, "EXPLICIT", geo.groups,
+                                                          dilation, "NCHW")
+        return _fast_conv2d_transpose(stock, geo, False, [], sizes)(x, w)
     fn = F.conv2d_transpose if geo.nd == 2 else F.conv3d_transpose
     return fn(x, w, None, stride=list(geo.stride), padding=list(geo.pads), dilation=list(geo.dilation),
               groups=geo.groups, output_size=[int(s) for s in out_sizes], data_format=_cf_format(geo.nd))

@@ -35,6 +35,7 @@ import paddle.autograd
 from paddle import _C_ops, _legacy_C_ops
 
 from paddlefsl.metaopt.errors import SecondOrderError
+from paddlefsl.metaopt.kernels.allocator import apply_memory_reuse
 from paddlefsl.metaopt.autodiff import audit, first_order, registry, released
 from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
@@ -240,6 +241,7 @@ def _install(level: int) -> None:
     for name, fn in _legacy_patches.items():
         setattr(_legacy_C_ops, name, fn if level == 2 else _LEGACY[name])
     if _level == 0:
+        apply_memory_reuse()
         _saved_grads.update(paddle=paddle.grad, autograd=paddle.autograd.grad)  # stock, or a user's wrapper
         paddle.grad = paddle.autograd.grad = audited_grad
         paddle.Tensor.__pow__, paddle.Tensor.__rpow__ = _pow, _rpow

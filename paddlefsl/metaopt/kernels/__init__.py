@@ -28,9 +28,11 @@ import numpy as np
 import paddle
 
 from paddlefsl.metaopt.kernels import onednn
+from paddlefsl.metaopt.kernels.allocator import memory_reuse_applied, memory_reuse_enabled, set_memory_reuse
 
 __all__ = ["MIN_MACS", "fast_kernels_enabled", "set_fast_kernels", "conv2d", "conv2d_backward_data",
-           "conv2d_backward_weights", "conv2d_supported", "self_check_failures"]
+           "conv2d_backward_weights", "conv2d_supported", "memory_reuse_applied", "memory_reuse_enabled",
+           "self_check_failures", "set_memory_reuse"]
 
 ENV = "PADDLEFSL_FAST_KERNELS"
 MIN_MACS = 1 << 20

@@ -267,3 +267,49 @@ def test_float32_fast_kernels_give_the_float64_derivatives(fast, monkeypatch):
     for g, w in zip(got, want):
         scale = float(np.abs(w).max())
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-4 * scale)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_first_order_learner_takes_its_convolution_gradients_from_the_fast_kernels(fast, monkeypatch):
+    """First order, a convolution large enough for the first-order rule: the backward records no graph, so the
+    input gradient (the transposed convolution, which a first-order lease leaves to Paddle's slow kernel) and the
+    weight gradient go straight to oneDNN; the meta-gradient equals the one with the fast path off."""
+    from paddle import nn
+    from paddlefsl.metaopt import MAML, set_fast_kernels
+    from paddlefsl.metaopt.autodiff.first_order import FIRST_ORDER_MIN_MACS
+    from paddlefsl.metaopt.kernels import onednn
+    if not onednn.available():
+        pytest.skip("oneDNN not loadable")
+    calls = []
+    for name in ("conv2d_backward_data", "conv2d_backward_weights"):
+        original = getattr(onednn, name)
+        monkeypatch.setattr(onednn, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    assert 8 * 16 * 48 * 48 * 16 * 9 >= FIRST_ORDER_MIN_MACS
+    rng = np.random.default_rng(7)
+    x = paddle.to_tensor(rng.standard_normal((8, 16, 48, 48)), dtype="float32")
+
+    def meta_gradient(fast_path: bool) -> list[np.ndarray]:
+        paddle.seed(3)
+        dtype = paddle.get_default_dtype()
+        paddle.set_default_dtype("float32")
+        try:
+            model = nn.Sequential(nn.Conv2D(16, 16, 3, padding=1), nn.Tanh(), nn.Conv2D(16, 16, 3, padding=1))
+        finally:
+            paddle.set_default_dtype(dtype)
+        maml = MAML(model, 0.1, first_order=True)
+        previous = set_fast_kernels(fast_path)
+        try:
+            task = maml.clone()
+            task.adapt((task(x) ** 2).mean())
+            (task(x) ** 2).mean().backward()
+        finally:
+            set_fast_kernels(previous)
+        return [p.grad.numpy() for p in model.parameters()]
+
+    got = meta_gradient(fast)
+    assert ("conv2d_backward_data" in calls) == fast and ("conv2d_backward_weights" in calls) == fast
+    calls.clear()
+    want = meta_gradient(False)
+    assert calls == []
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * float(np.abs(w).max()))
