@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import paddle
 
 from paddlefsl.metaopt.autodiff.registry import exact, original
-from paddlefsl.metaopt.autodiff.common import apply_rule, lean_shape
+from paddlefsl.metaopt.autodiff.common import apply_rule, lean_shape, reduce_sum
 
 Tensor = paddle.Tensor
 
@@ -30,7 +30,10 @@ Tensor = paddle.Tensor
 def _stat(t: Tensor, axes: list[int]) -> Tensor:
     """Mean of ``t`` over ``axes``, shaped to broadcast against ``t`` with leading 1s dropped (Python operators
     reach Paddle's kernels directly, so the ``[C, 1, 1]`` layout is chosen here)."""
-    m = t.mean(axis=axes, keepdim=True)
+    count = 1
+    for a in axes:
+        count *= int(t.shape[a])
+    m = reduce_sum(t, axes) * (1.0 / count)
     return m.reshape(lean_shape(m.shape))
 
 
@@ -80,10 +83,10 @@ def _affine_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None, run: Cal
 
     def grad_w(g):
         x_hat, _ = stats()
-        return (g * x_hat).sum(axis=list(param_axes)).reshape(weight.shape)
+        return reduce_sum(g * x_hat, list(param_axes)).reshape(weight.shape)
 
     def grad_b(g):
-        return g.sum(axis=list(param_axes)).reshape(bias.shape)
+        return reduce_sum(g, list(param_axes)).reshape(bias.shape)
 
     return apply_rule([x, weight, bias], run, [grad_x, grad_w, grad_b])
 
@@ -170,8 +173,8 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
         if unrecorded():
             return fused(g)[0]
         x_hat, inv_std = stats()
-        sum_g = g.sum(axis=axes, keepdim=True).reshape(lean)
-        sum_gx = (g * x_hat).sum(axis=axes, keepdim=True).reshape(lean)
+        sum_g = reduce_sum(g, axes).reshape(lean)
+        sum_gx = reduce_sum(g * x_hat, axes).reshape(lean)
         a = inv_std * weight.reshape(lean) if weight is not None else inv_std
         return a * g - (a * sum_g) * (1.0 / count) - x_hat * ((a * sum_gx) * (1.0 / count))
 
@@ -179,10 +182,10 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
         if unrecorded():
             return fused(g)[1]
         x_hat, _ = stats()
-        return (g * x_hat).sum(axis=axes).reshape(weight.shape)
+        return reduce_sum(g * x_hat, axes).reshape(weight.shape)
 
     def grad_b(g):
-        return g.sum(axis=axes).reshape(bias.shape)
+        return reduce_sum(g, axes).reshape(bias.shape)
 
     return apply_rule([x, weight, bias], run, [grad_x, grad_w, grad_b])
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import paddle
+
+from paddlefsl.metaopt import kernels
 from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 from paddlefsl.metaopt.autodiff.common import channel_last, ints, to_channel_first, to_channel_last
@@ -147,6 +149,27 @@ class _MaxWindows:
         return original("take_along_axis")(g.reshape([n, c, -1]), self._index, 2).reshape(self.mask.shape)
 
 
+class _OnednnWindows:
+    """The argmax of one 2-D max pooling computed by oneDNN (`paddlefsl.metaopt.kernels.max_pool2d`): the adjoint is
+    oneDNN's backward kernel on the workspace; the gather (the adjoint's adjoint) reads the workspace as flat
+    indices, built on first use."""
+
+    def __init__(self, x_shape: Sequence[int], ws: paddle.Tensor, kernel, stride, pads) -> None:
+        self.x_shape = [int(d) for d in x_shape]
+        self.ws = ws
+        self.geometry = (list(kernel), list(stride), list(pads))
+        self._index: paddle.Tensor | None = None
+
+    def scatter(self, g: paddle.Tensor) -> paddle.Tensor:
+        return kernels.max_pool2d_backward(g, self.ws, self.x_shape, *self.geometry)
+
+    def gather(self, g: paddle.Tensor) -> paddle.Tensor:
+        n, c = self.x_shape[:2]
+        if self._index is None:
+            self._index = kernels.max_pool2d_index(self.ws, self.x_shape, *self.geometry)
+        return original("take_along_axis")(g.reshape([n, c, -1]), self._index, 2).reshape(self.ws.shape)
+
+
 class _WindowScatter(GuardedPyLayer):
     @staticmethod
     def forward(ctx, g, windows: _MaxWindows):
@@ -175,6 +198,14 @@ class _FastMaxPool(GuardedPyLayer):
     @staticmethod
     def forward(ctx, x, attrs: tuple, holder: dict):
         name = "max_pool2d_with_index" if x.ndim == 4 else "max_pool3d_with_index"
+        kernel, stride, pad, _, adaptive, ceil_mode = attrs
+        if not holder.get("need_mask") and not adaptive and not ceil_mode and kernels.max_pool2d_supported(x):
+            pads = [int(pad[0]), int(pad[0]), int(pad[1]), int(pad[1])]
+            fast = kernels.max_pool2d(x, kernel, stride, pads, lambda: original(name)(x, *attrs)[0])
+            if fast is not None:
+                y, ws = fast
+                ctx.windows = _OnednnWindows(x.shape, ws, kernel, stride, pads)
+                return y
         y, mask = original(name)(x, *attrs)
         holder["mask"] = mask
         ctx.windows = _MaxWindows(x.detach(), mask, attrs)
@@ -347,7 +378,7 @@ def _with_index(name: str, x, kernel_size, strides, paddings, global_pooling, ad
                               **kwargs)
     if not paddle.is_grad_enabled() or x.stop_gradient:
         return run(x)
-    holder: dict = {}
+    holder: dict = {"need_mask": True}  # the caller gets Paddle's mask: keep Paddle's kernel
     nd = x.ndim - 2
     kernel, stride, pads = ints(kernel_size, nd), ints(strides, nd), ints(paddings, nd)
     spatial = list(x.shape[2:])

@@ -31,12 +31,16 @@ from paddlefsl.metaopt.kernels import onednn
 from paddlefsl.metaopt.kernels.allocator import memory_reuse_applied, memory_reuse_enabled, set_memory_reuse
 
 __all__ = ["MIN_MACS", "fast_kernels_enabled", "set_fast_kernels", "conv2d", "conv2d_backward_data",
-           "conv2d_backward_weights", "conv2d_supported", "memory_reuse_applied", "memory_reuse_enabled",
+           "conv2d_backward_weights", "conv2d_supported", "max_pool2d", "max_pool2d_backward", "max_pool2d_index",
+           "max_pool2d_supported", "MIN_POOL_NUMEL", "memory_reuse_applied", "memory_reuse_enabled",
            "self_check_failures", "set_memory_reuse"]
 
 ENV = "PADDLEFSL_FAST_KERNELS"
 MIN_MACS = 1 << 20
 """Smallest convolution (multiply-adds, ``N * O * h * w * C * kh * kw``) sent to oneDNN."""
+
+MIN_POOL_NUMEL = 1 << 15
+"""Smallest max-pooling input (elements) sent to oneDNN."""
 
 _enabled = os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 _checked: dict = {}
@@ -136,3 +140,70 @@ def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequen
     key = ("conv2d_backward_weights", tuple(x.shape), tuple(gy.shape), tuple(w_shape), tuple(stride), tuple(pads))
     return _checked_call(key, lambda: onednn.conv2d_backward_weights(_contiguous(x), _contiguous(gy), w_shape,
                                                                      stride, pads), reference)
+
+
+def max_pool2d_supported(x: paddle.Tensor) -> bool:
+    """Whether a 2-D max pooling of ``x`` (NCHW, no ``ceil_mode``, not adaptive: the caller checks) goes to oneDNN."""
+    return (_enabled and x.ndim == 4 and x.dtype == paddle.float32 and x.place.is_cpu_place()
+            and int(x.numel()) >= MIN_POOL_NUMEL and onednn.available())
+
+
+def max_pool2d_index(ws: paddle.Tensor, x_shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                     pads: Sequence[int]) -> paddle.Tensor:
+    """oneDNN's max-pooling workspace (argmax offsets inside each window) as flat spatial indices into the input,
+    ``[N, C, Ho * Wo]`` int64 (the form ``take_along_axis`` reads).
+
+    Args:
+        ws: the workspace of `max_pool2d`, shaped like the output.
+        x_shape: the input shape ``[N, C, H, W]``.
+        kernel: two kernel sizes.
+        stride: two strides.
+        pads: ``[top, bottom, left, right]``.
+    """
+    n, c, ho, wo = (int(d) for d in ws.shape)
+    offset = ws.astype("int64")
+    rows = paddle.arange(ho, dtype="int64").reshape([ho, 1]) * int(stride[0]) - int(pads[0])
+    cols = paddle.arange(wo, dtype="int64").reshape([1, wo]) * int(stride[1]) - int(pads[2])
+    kw = int(kernel[1])
+    flat = (rows + offset // kw) * int(x_shape[3]) + (cols + offset % kw)
+    return flat.reshape([n, c, ho * wo])
+
+
+def max_pool2d(x: paddle.Tensor, kernel: Sequence[int], stride: Sequence[int], pads: Sequence[int],
+               reference: Callable[[], paddle.Tensor]) -> tuple[paddle.Tensor, paddle.Tensor] | None:
+    """2-D max pooling on oneDNN (check `max_pool2d_supported` first): the value and the workspace, or ``None``
+    where oneDNN refused this geometry or its self-check failed (the caller then uses Paddle's kernel).
+
+    The self-check, once per geometry: the value equals ``reference()`` (Paddle's) and the workspace points at
+    each window's maximum (ties may pick another position than Paddle's: both are the maximum).
+    """
+    key = ("max_pool2d", tuple(x.shape), tuple(kernel), tuple(stride), tuple(pads))
+    ok = _checked.get(key)
+    if ok is False:
+        return None
+    x = _contiguous(x)
+    try:
+        y, ws = onednn.max_pool2d_forward(x, kernel, stride, pads)
+    except RuntimeError as error:
+        _checked[key] = False
+        warnings.warn(f"oneDNN kernel max_pool2d for shapes {key[1:]} failed ({error}); using Paddle's kernel",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    if ok is None:
+        n, c = x.shape[:2]
+        index = max_pool2d_index(ws, x.shape, kernel, stride, pads)
+        picked = paddle.take_along_axis(x.reshape([n, c, -1]), index, 2).reshape(y.shape)
+        want = reference()
+        _checked[key] = bool(list(want.shape) == list(y.shape) and bool((want == y).all())
+                             and bool((picked == y).all()))
+        if not _checked[key]:
+            warnings.warn(f"oneDNN kernel max_pool2d for shapes {key[1:]} disagrees with Paddle's kernel; using "
+                          "Paddle's kernel for it", RuntimeWarning, stacklevel=3)
+            return None
+    return y, ws
+
+
+def max_pool2d_backward(gy: paddle.Tensor, ws: paddle.Tensor, x_shape: Sequence[int], kernel: Sequence[int],
+                        stride: Sequence[int], pads: Sequence[int]) -> paddle.Tensor:
+    """The adjoint of `max_pool2d`: ``gy`` scattered to the positions of the workspace ``ws`` (oneDNN)."""
+    return onednn.max_pool2d_backward(_contiguous(gy), ws, x_shape, kernel, stride, pads)

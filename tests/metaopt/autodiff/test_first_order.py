@@ -148,6 +148,46 @@ def test_a_convolution_the_fast_kernels_take_keeps_its_rule_at_first_order():
     assert middle_node == small_node == off_node == "Conv2dGradNodeFinal", (middle_node, small_node, off_node)
 
 
+@pytest.mark.parametrize("pool", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1)])
+def test_a_max_pooling_the_fast_kernels_take_keeps_its_rule_at_first_order(pool):
+    """With the fast kernels on, a float32 NCHW max pooling of at least MIN_POOL_NUMEL elements goes through the rule
+    (oneDNN) at first order, and its gradient equals Paddle's; float64, small, channel-last, ceil_mode and average
+    pooling, or the fast kernels off, run Paddle's own kernel."""
+    from paddlefsl.metaopt import kernels
+    from paddlefsl.metaopt.kernels import onednn
+    if not onednn.available():
+        pytest.skip("oneDNN not loadable here")
+    big = _r(4, 8, 32, 32)
+    assert big.size >= kernels.MIN_POOL_NUMEL > 4 * 8 * 8 * 8
+    weights = paddle.to_tensor(_r(*F.max_pool2d(paddle.to_tensor(big), **pool).shape).astype("float32"))
+
+    def run(x):
+        t = paddle.to_tensor(x, stop_gradient=False)
+        y = F.max_pool2d(t, **pool)
+        node = audit._node(y).name()
+        (y * weights.astype(t.dtype)).sum().backward()
+        return node, t.grad.numpy()
+
+    previous = kernels.set_fast_kernels(True)
+    lease = scope.Lease(first_order=True)
+    try:
+        fast_node, fast_grad = run(big.astype("float32"))
+        others = [audit._node(f(paddle.to_tensor(x, stop_gradient=False))).name() for f, x in [
+            (lambda t: F.max_pool2d(t, **pool), big),                                     # float64
+            (lambda t: F.max_pool2d(t, **pool), _r(4, 8, 8, 8).astype("float32")),        # small
+            (lambda t: F.max_pool2d(t, **pool, data_format="NHWC"), big.astype("float32")),
+            (lambda t: F.max_pool2d(t, **pool, ceil_mode=True), big.astype("float32")),
+            (lambda t: F.avg_pool2d(t, **pool), big.astype("float32"))]]
+        kernels.set_fast_kernels(False)
+        off_node, off_grad = run(big.astype("float32"))
+    finally:
+        lease.release()
+        kernels.set_fast_kernels(previous)
+    assert fast_node.startswith("GradNodePyLayer"), fast_node
+    assert all(not n.startswith("GradNodePyLayer") for n in others + [off_node]), (others, off_node)
+    np.testing.assert_allclose(fast_grad, off_grad, rtol=1e-6, atol=1e-6)  # overlapping windows: sum order
+
+
 def test_batch_norm_in_eval_mode_with_batch_statistics_keeps_the_rule():
     """Stock Paddle's first-order gradient is wrong here (test_norm.py::test_stock_first_order_is_wrong)."""
     f, arrays = _bn(False, ugs=False), [_r(4, 2, 3, 3), _r(2), _r(2)]

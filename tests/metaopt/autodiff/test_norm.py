@@ -331,16 +331,19 @@ def test_float32_conv_bn_relu_pool_block_gives_the_float64_derivatives(fast, mon
     fast kernels: gradient, Hessian-vector product and third order agree with the float64 rules (exact: checked
     against finite differences above and in test_conv/test_activation/test_pool), with the fast path on and off;
     the fused batch_norm_grad kernel runs either way (in the backward that records no graph), oneDNN's
-    convolutions only when the fast path is on."""
+    convolutions and max pooling only when the fast path is on."""
     from paddlefsl.metaopt import kernels, set_fast_kernels
     from paddlefsl.metaopt.kernels import onednn
     from tests.metaopt.autodiff.test_conv import _third_order_quantities
     from tests.opcheck import kernel_calls
     if fast and not onednn.available():
         pytest.skip("oneDNN not loadable")
-    conv_calls = []
+    conv_calls, pool_calls = [], []
     real = onednn.conv2d_forward
     monkeypatch.setattr(onednn, "conv2d_forward", lambda *a: conv_calls.append(a[0].dtype) or real(*a))
+    for name in ("max_pool2d_forward", "max_pool2d_backward"):
+        original = getattr(onednn, name)
+        monkeypatch.setattr(onednn, name, lambda *a, _f=original, _n=name: pool_calls.append(_n) or _f(*a))
     rng = np.random.default_rng(4)
     x = paddle.to_tensor(rng.standard_normal((4, 3, 48, 48)))
     assert 4 * 8 * 48 * 48 * 3 * 9 >= kernels.MIN_MACS
@@ -362,6 +365,8 @@ def test_float32_conv_bn_relu_pool_block_gives_the_float64_derivatives(fast, mon
         set_fast_kernels(previous)
     assert calls["batch_norm_grad"] > 0
     assert len(conv_calls) > 0 if fast else conv_calls == []
+    assert set(pool_calls) == ({"max_pool2d_forward", "max_pool2d_backward"} if fast else set())
+    assert 4 * 8 * 48 * 48 >= kernels.MIN_POOL_NUMEL
     for g, w in zip(got, want):
         scale = float(np.abs(w).max())
         np.testing.assert_allclose(g, w, rtol=0, atol=5e-4 * scale)

@@ -113,3 +113,57 @@ def test_self_check_passes_and_compares_only_once(fast_on, monkeypatch):
     second = kernels.conv2d(x, w, [1, 1], [1, 1, 1, 1], stock)
     assert references == [1] and kernels.self_check_failures() == []
     np.testing.assert_array_equal(first.numpy(), second.numpy())
+
+
+_POOLS = [([2, 2], [2, 2], [0, 0, 0, 0]), ([3, 3], [2, 2], [1, 1, 1, 1]), ([3, 2], [1, 2], [1, 1, 0, 0])]
+
+
+@needs_onednn
+@pytest.mark.parametrize("kernel,stride,pads", _POOLS)
+def test_max_pool_workspace_reads_as_paddles_argmax(fast_on, kernel, stride, pads):
+    """The workspace, read as flat indices, is Paddle's own argmax (continuous data: no ties), and the backward
+    equals Paddle's scatter; the value equals Paddle's."""
+    x = paddle.randn([2, 3, 12, 11], dtype="float32")
+    attrs = (kernel, stride, pads[0::2], False, False, False)
+    want, mask = paddle._C_ops.max_pool2d_with_index(x, *attrs)
+    y, ws = kernels.max_pool2d(x, kernel, stride, pads, lambda: want)
+    np.testing.assert_array_equal(y.numpy(), want.numpy())
+    index = kernels.max_pool2d_index(ws, x.shape, kernel, stride, pads)
+    np.testing.assert_array_equal(index.numpy(), mask.astype("int64").reshape(index.shape).numpy())
+    g = paddle.randn(y.shape, dtype="float32")
+    np.testing.assert_allclose(kernels.max_pool2d_backward(g, ws, x.shape, kernel, stride, pads).numpy(),
+                               paddle._C_ops.max_pool2d_with_index_grad(x, mask, g, *attrs).numpy(), rtol=1e-6,
+                               atol=1e-6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("wrong", ["value", "workspace"])
+def test_max_pool_self_check_rejects_a_wrong_kernel_once_and_for_all(fast_on, monkeypatch, wrong):
+    x = paddle.randn([2, 3, 10, 10], dtype="float32")
+    stock = lambda: paddle._C_ops.max_pool2d_with_index(x, [2, 2], [2, 2], [0, 0], False, False, False)[0]
+    real, calls = onednn.max_pool2d_forward, []
+
+    def broken(*args):
+        calls.append(1)
+        y, ws = real(*args)
+        return (y + 1.0, ws) if wrong == "value" else (y, (ws.astype("int32") + 1) % 4)
+
+    monkeypatch.setattr(onednn, "max_pool2d_forward", broken)
+    monkeypatch.setattr(kernels, "_checked", {})
+    with pytest.warns(RuntimeWarning, match="disagrees with Paddle's kernel"):
+        assert kernels.max_pool2d(x, [2, 2], [2, 2], [0, 0, 0, 0], stock) is None
+    assert kernels.max_pool2d(x, [2, 2], [2, 2], [0, 0, 0, 0], stock) is None and calls == [1]
+    assert len(kernels.self_check_failures()) == 1
+
+
+def test_max_pool_choice(fast_on, monkeypatch):
+    big, small = paddle.randn([4, 8, 32, 32], dtype="float32"), paddle.randn([1, 2, 8, 8], dtype="float32")
+    available = onednn.available()
+    assert kernels.max_pool2d_supported(big) == available
+    assert not kernels.max_pool2d_supported(small)
+    assert not kernels.max_pool2d_supported(big.astype("float64"))
+    set_fast_kernels(False)
+    assert not kernels.max_pool2d_supported(big)
+    set_fast_kernels(True)
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    assert not kernels.max_pool2d_supported(big)
