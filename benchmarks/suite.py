@@ -8,9 +8,11 @@ the whole set of configurations runs R times in turn (A B C A B C ...), so that 
 every configuration alike, and each figure is the median over the rounds. The table gives the median seconds per
 meta-iteration (after one warm-up), tasks per second and the peak RSS. With ``--peers`` it adds learn2learn (second
 and first order), higher and TorchOpt (second order), plain Paddle's first order (``paddle_raw.py``) and our first
-order with the fast kernels switched off (``PADDLEFSL_FAST_KERNELS=0``), and the ratios: learn2learn's time divided
-by ours (above 1: we are faster), our first order against plain Paddle's, and for W2 the share of the machine's
-peak (``W2_PEAK_S``). The workload shapes come from ``workload.py`` in ``--bench-dir`` (the same file the peers
+order with the fast kernels and the reuse of freed memory switched off (``PADDLEFSL_FAST_KERNELS=0``,
+``PADDLEFSL_REUSE_MEMORY=0``), and the ratios: learn2learn's time divided by ours (above 1: we are faster), our
+first order against plain Paddle's, and for W2 the share of the machine's peak (``W2_PEAK_S``). ``--same-allocator``
+adds learn2learn and plain Paddle with glibc's malloc thresholds raised as paddlefsl raises them for itself, and
+our MAML with that reuse off, so both sides can be compared on either allocator setting. The workload shapes come from ``workload.py`` in ``--bench-dir`` (the same file the peers
 read). Only ratios taken in one run mean something on a shared machine.
 """
 from __future__ import annotations
@@ -33,6 +35,10 @@ PEERS = (("l2l", "second", "learn2learn MAML 2nd"), ("l2l", "first", "learn2lear
 # Issue 19's estimate for W2: about 88 GFLOP per second-order meta-iteration, about 0.55 s at this machine's peak.
 W2_PEAK_S = {"W2": 0.55}
 FAST_OFF = "paddlefsl MAML 1st, fast kernels off"
+# glibc thresholds as paddlefsl sets them (paddlefsl.metaopt.kernels.allocator), for the --same-allocator rows.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+TUNED = ", malloc tuned"
+REUSE_OFF = ", memory reuse off"
 WORKLOADS = ("W1", "W2", "W2x10")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -152,9 +158,14 @@ def ratios(results: list[dict]) -> None:
 
     for r in results:
         w, name = r["workload"], r["implementation"]
-        for ours, peer in (("paddlefsl MAML 2nd", "learn2learn MAML 2nd"), ("paddlefsl MAML 1st", "learn2learn MAML 1st")):
-            if name == ours and find(w, peer):
-                r["l2l_over_ours"] = find(w, peer)["median_s"] / r["median_s"]
+        for order in ("2nd", "1st"):
+            # ours (reuse on) against learn2learn as it comes, and against learn2learn on the same allocator setting
+            for ours, peer in ((f"paddlefsl MAML {order}", f"learn2learn MAML {order}"),
+                               (f"paddlefsl MAML {order}{REUSE_OFF}", f"learn2learn MAML {order}")):
+                if name == ours and find(w, peer):
+                    r["l2l_over_ours"] = find(w, peer)["median_s"] / r["median_s"]
+            if name == f"learn2learn MAML {order}{TUNED}" and find(w, f"paddlefsl MAML {order}"):
+                r["l2l_over_ours"] = r["median_s"] / find(w, f"paddlefsl MAML {order}")["median_s"]
         if name in ("paddlefsl MAML 1st", FAST_OFF) and find(w, "plain Paddle 1st"):
             r["over_plain_paddle"] = r["median_s"] / find(w, "plain Paddle 1st")["median_s"]
         if w in W2_PEAK_S and name.endswith("2nd"):
@@ -197,6 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peers", action="store_true",
                         help="also time learn2learn, higher, TorchOpt, plain Paddle and our first order without the "
                              "fast kernels")
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="with --peers: also the peers with glibc's thresholds raised, and ours without")
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn")
     parser.add_argument("--peer-python", default="/tmp/peers/bin/python",
                         help="a Python with torch and learn2learn (see the bench README)")
@@ -232,8 +245,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     env)))
             jobs.append((w, "plain Paddle 1st", lambda w=w: measure_peer(
                 "paddle_raw.py", [w, str(args.iterations)], sys.executable, bench_dir, workloads, env)))
-            jobs.append((w, FAST_OFF, lambda w=w: measure_ours(w, "maml1", args.iterations, bench_dir,
-                                                               args.meta_batch, dict(env, PADDLEFSL_FAST_KERNELS="0"))))
+            jobs.append((w, FAST_OFF, lambda w=w: measure_ours(w, "maml1", args.iterations, bench_dir, args.meta_batch,
+                                                               dict(env, PADDLEFSL_FAST_KERNELS="0",
+                                                                    PADDLEFSL_REUSE_MEMORY="0"))))
+        if args.peers and args.same_allocator:
+            tuned = dict(env, **TUNED_MALLOC)
+            for lib, order, label in PEERS[:2]:
+                jobs.append((w, label + TUNED, lambda w=w, lib=lib, order=order: measure_peer(
+                    "peer_torch.py", [w, lib, order, str(args.iterations)], args.peer_python, bench_dir, workloads,
+                    tuned)))
+            jobs.append((w, "plain Paddle 1st" + TUNED, lambda w=w: measure_peer(
+                "paddle_raw.py", [w, str(args.iterations)], sys.executable, bench_dir, workloads, tuned)))
+            for algorithm in ("maml2", "maml1"):
+                jobs.append((w, f"paddlefsl {ALGORITHMS[algorithm]}{REUSE_OFF}", lambda w=w, a=algorithm: measure_ours(
+                    w, a, args.iterations, bench_dir, args.meta_batch, dict(env, PADDLEFSL_REUSE_MEMORY="0"))))
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
         for w, name, run in jobs:

@@ -97,3 +97,25 @@ def test_rounds_interleave_and_take_the_median(monkeypatch, tmp_path):
     by = {r["implementation"]: r for r in results}
     assert by["paddlefsl MAML 2nd"]["median_s"] == 4.0 and by["paddlefsl MAML 2nd"]["round_medians_s"] == [3.0, 5.0, 4.0]
     assert by["paddlefsl MAML 1st"]["median_s"] == 2.0
+
+
+def test_same_allocator_rows_compare_like_with_like():
+    """Ours with the memory reuse off against learn2learn as it comes; learn2learn with glibc's thresholds raised
+    against ours as it comes (both raised)."""
+    suite = _suite()
+    rows = [dict(workload="W1", implementation=name, median_s=t, tasks_per_s=32 / t, peak_rss_mib=1.0)
+            for name, t in [("paddlefsl MAML 2nd", 2.0), ("learn2learn MAML 2nd", 1.0),
+                            ("paddlefsl MAML 2nd" + suite.REUSE_OFF, 4.0),
+                            ("learn2learn MAML 2nd" + suite.TUNED, 0.5)]]
+    suite.ratios(rows)
+    by = {r["implementation"]: r for r in rows}
+    assert by["paddlefsl MAML 2nd"]["l2l_over_ours"] == pytest.approx(0.5)
+    assert by["paddlefsl MAML 2nd" + suite.REUSE_OFF]["l2l_over_ours"] == pytest.approx(0.25)
+    assert by["learn2learn MAML 2nd" + suite.TUNED]["l2l_over_ours"] == pytest.approx(0.25)
+    assert suite.TUNED_MALLOC == {"MALLOC_MMAP_THRESHOLD_": str(suite_allocator().MMAP_THRESHOLD),
+                                  "MALLOC_TRIM_THRESHOLD_": str(suite_allocator().TRIM_THRESHOLD)}
+
+
+def suite_allocator():
+    from paddlefsl.metaopt.kernels import allocator
+    return allocator
