@@ -406,11 +406,16 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         if unused and not allow_unused:
             raise ValueError(f"{where}: loss does not use the parameters {unused}; pass allow_unused=True to give "
                              "them a zero update")
-        # One device-to-host copy for every check: the loss and each gradient's sum, read back together
-        # (a non-finite sum flags a non-finite gradient; the names are computed only on that failure path).
+        # One device-to-host copy for every check: the loss and the sum of all gradient entries (one sum per dtype),
+        # read back together. A non-finite sum flags a possibly non-finite gradient; each gradient is then checked
+        # on its own, so an overflowing sum of finite gradients raises nothing.
         with paddle.no_grad():
+            by_dtype: dict = {}
+            for g in grads:
+                if g is not None:
+                    by_dtype.setdefault(g.dtype, []).append(g.reshape([-1]))
             sums = [loss.reshape([1]).astype("float64")]
-            sums += [g.sum().reshape([1]).astype("float64") for g in grads if g is not None]
+            sums += [paddle.concat(flat).sum().reshape([1]).astype("float64") for flat in by_dtype.values()]
             values = paddle.concat(sums).numpy()
         if not math.isfinite(float(values[0])):
             raise FloatingPointError(f"{where}: loss is {float(values[0])}")

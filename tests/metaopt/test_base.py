@@ -94,6 +94,18 @@ def test_non_finite_gradient_names_the_step_and_parameter():
         task.adapt(loss)
 
 
+def test_finite_gradients_whose_sum_overflows_are_not_reported():
+    """The check reads one sum of all gradient entries; an overflowing sum of finite gradients (float32) must not
+    raise: each gradient is then checked on its own."""
+    model = nn.Linear(2, 2, bias_attr=False)
+    model.weight.set_value(paddle.full([2, 2], 1e-10, dtype=model.weight.dtype))
+    task = MAML(model, 1e-45).clone()
+    (w,) = task.parameters()
+    big = 3e38 if w.dtype == paddle.float32 else 1.7e308
+    task.adapt((w * big).sum())   # every gradient entry is `big`: finite, their sum is not
+    assert bool(paddle.isfinite(task.parameters()[0]).all())
+
+
 def test_loss_not_connected_to_the_task_model():
     maml = MAML(mlp(), 0.1)
     task = maml.clone()

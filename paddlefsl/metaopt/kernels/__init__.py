@@ -1,8 +1,10 @@
 """Fast CPU kernels the exact op layer may call for the value of a rule (used only by ``autodiff/``).
 
-Today: the three float32 2-D convolution kernels (forward, backward data, backward weights) through the oneDNN
-library that the Paddle CPU wheel ships (`paddlefsl.metaopt.kernels.onednn`). A kernel is used when all of
-these hold, otherwise the rule calls Paddle's own kernel:
+Today: the three float32 2-D convolution kernels (forward, backward data, backward weights) and 2-D max pooling
+(forward with its argmax workspace, and the scatter backward) through the oneDNN library that the Paddle CPU wheel
+ships (`paddlefsl.metaopt.kernels.onednn`). A convolution kernel is used when all of these hold (max pooling: the
+same with `max_pool2d_supported`, at least `MIN_POOL_NUMEL` elements), otherwise the rule calls Paddle's own
+kernel:
 
 * the fast path is on: the environment variable ``PADDLEFSL_FAST_KERNELS`` is not ``0`` (read at import) and
   `set_fast_kernels` did not turn it off;
@@ -12,6 +14,8 @@ these hold, otherwise the rule calls Paddle's own kernel:
   0.1 ms through ``ctypes``) costs more than Paddle's kernel;
 * the plan for that shape passed its one-time self-check: its first result is compared with Paddle's own kernel on
   the same inputs; a plan that disagrees is never used (a warning says so).
+
+The reuse of freed memory (`paddlefsl.metaopt.kernels.allocator`, on by default) is switched separately.
 
 Example:
     >>> from paddlefsl.metaopt import set_fast_kernels

@@ -15,9 +15,10 @@ Plans are built once per shape and cached. No compiler and no extra dependency: 
 exports.
 
 These are raw kernels (no autograd). The convolutions compute the value of the conv rules of
-`paddlefsl.metaopt.autodiff.conv`, whose gradients are written in differentiable ops. The batch-norm, max-pooling and
-ReLU kernels are not used by any rule: on the W2 shapes they were slower than Paddle's or made no measurable
-difference (``docs/speed.md``); ``benchmarks/onednn_kernels.py`` times them against Paddle's.
+`paddlefsl.metaopt.autodiff.conv`, whose gradients are written in differentiable ops; max pooling computes the
+value, argmax and scatter of the max-pool rule of `paddlefsl.metaopt.autodiff.pool`. The batch-norm and ReLU
+kernels are not used by any rule: on the W2 shapes they were slower than Paddle's or made no measurable difference
+(``docs/speed.md``); ``benchmarks/onednn_kernels.py`` times them against Paddle's.
 """
 from __future__ import annotations
 
