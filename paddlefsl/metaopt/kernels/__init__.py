@@ -165,11 +165,16 @@ def max_pool2d_index(ws: paddle.Tensor, x_shape: Sequence[int], kernel: Sequence
         pads: ``[top, bottom, left, right]``.
     """
     n, c, ho, wo = (int(d) for d in ws.shape)
-    offset = ws.astype("int64")
-    rows = paddle.arange(ho, dtype="int64").reshape([ho, 1]) * int(stride[0]) - int(pads[0])
-    cols = paddle.arange(wo, dtype="int64").reshape([1, wo]) * int(stride[1]) - int(pads[2])
-    kw = int(kernel[1])
-    flat = (rows + offset // kw) * int(x_shape[3]) + (cols + offset % kw)
+    kw, width = int(kernel[1]), int(x_shape[3])
+    # Integer arithmetic in floating point (Paddle's int64 kernels are several times slower): exact, as every
+    # value is an integer below 2^24 (2^53 in float64); floor((k + 0.5) / kw) has a margin of 0.5 / kw.
+    dtype = "float32" if int(x_shape[2]) * width < (1 << 24) else "float64"
+    offset = ws.astype(dtype)
+    rows = paddle.floor((offset + 0.5) * (1.0 / kw))
+    within = rows * (width - kw) + offset          # row * width + (offset - row * kw)
+    base = ((paddle.arange(ho, dtype=dtype) * int(stride[0]) - int(pads[0])).reshape([ho, 1]) * width
+            + (paddle.arange(wo, dtype=dtype) * int(stride[1]) - int(pads[2])).reshape([1, wo]))
+    flat = (within.reshape([n * c, ho * wo]) + base.reshape([1, ho * wo])).astype("int64")
     return flat.reshape([n, c, ho * wo])
 
 
