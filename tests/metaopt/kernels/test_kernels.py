@@ -167,3 +167,20 @@ def test_max_pool_choice(fast_on, monkeypatch):
     set_fast_kernels(True)
     monkeypatch.setattr(onednn, "available", lambda: False)
     assert not kernels.max_pool2d_supported(big)
+
+
+@needs_onednn
+@pytest.mark.parametrize("width", [11, 5000])
+def test_max_pool_index_is_exact_integer_arithmetic(fast_on, width):
+    """The workspace's offsets become flat indices exactly, also where H * W reaches 2^24 (float64 there)."""
+    x = paddle.randn([2, 3, 12, 11], dtype="float32")
+    kernel, stride, pads = [3, 3], [2, 2], [1, 1, 1, 1]
+    _, ws = kernels.max_pool2d(x, kernel, stride, pads, lambda: paddle._C_ops.max_pool2d_with_index(
+        x, kernel, stride, pads[0::2], False, False, False)[0])
+    height = 12 if width == 11 else 4000
+    assert (height * width < 2 ** 24) == (width == 11)
+    got = kernels.max_pool2d_index(ws, [2, 3, height, width], kernel, stride, pads).numpy()
+    off = ws.numpy().astype(np.int64)
+    rows = np.arange(ws.shape[2])[:, None] * stride[0] - pads[0] + off // kernel[1]
+    cols = np.arange(ws.shape[3])[None, :] * stride[1] - pads[2] + off % kernel[1]
+    np.testing.assert_array_equal(got, (rows * width + cols).reshape(got.shape))
