@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 
 __all__ = ["ENV", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "memory_reuse_enabled", "memory_reuse_applied",
@@ -46,12 +47,14 @@ _lock = threading.Lock()
 
 def _libc():
     """glibc's ``mallopt`` and ``malloc_trim``, or ``None`` where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         libc.gnu_get_libc_version()
         return libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
 
 

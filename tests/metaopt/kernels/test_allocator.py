@@ -83,3 +83,8 @@ def test_no_glibc_changes_nothing(monkeypatch):
     monkeypatch.setattr(allocator, "_enabled", True)
     monkeypatch.setattr(allocator, "_user_tuned", lambda: False)
     assert allocator.apply_memory_reuse() is False and memory_reuse_applied() is False
+
+
+def test_other_platforms_are_left_alone(monkeypatch):
+    monkeypatch.setattr(allocator.sys, "platform", "win32")
+    assert allocator._libc() is None
