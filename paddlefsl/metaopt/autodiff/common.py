@@ -8,6 +8,7 @@ therefore gives each input that needs a gradient its own single-input PyLayer wh
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import paddle
@@ -124,13 +125,6 @@ def to_channel_last(t: paddle.Tensor) -> paddle.Tensor:
     return paddle.transpose(t, [0] + list(range(2, nd + 2)) + [1])
 
 
-def _prod(values: Sequence[int]) -> int:
-    total = 1
-    for v in values:
-        total *= int(v)
-    return total
-
-
 def reduce_sum(t: Tensor, axes: Sequence[int]) -> Tensor:
     """``t.sum(axis=axes, keepdim=True)``, as matrix products with a ones vector where the kept axes are adjacent.
 
@@ -152,9 +146,10 @@ def reduce_sum(t: Tensor, axes: Sequence[int]) -> Tensor:
     axes = sorted(a % ndim for a in axes)
     kept = [a for a in range(ndim) if a not in axes]
     if (not kept or not axes or kept != list(range(kept[0], kept[-1] + 1))
-            or _prod(shape) < MATMUL_SUM_MIN_NUMEL):
+            or math.prod(shape) < MATMUL_SUM_MIN_NUMEL):
         return t.sum(axis=axes, keepdim=True)
-    lead, mid, tail = _prod(shape[:kept[0]]), _prod(shape[kept[0]:kept[-1] + 1]), _prod(shape[kept[-1] + 1:])
+    lead, mid, tail = (math.prod(shape[:kept[0]]), math.prod(shape[kept[0]:kept[-1] + 1]),
+                       math.prod(shape[kept[-1] + 1:]))
     out = t
     if tail > 1:
         out = paddle.matmul(out.reshape([lead * mid, tail]), paddle.ones([tail, 1], dtype=t.dtype))

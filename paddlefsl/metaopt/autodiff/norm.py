@@ -17,6 +17,7 @@ Inputs are differentiated one PyLayer each (`apply_rule()`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import paddle
@@ -30,10 +31,7 @@ Tensor = paddle.Tensor
 def _stat(t: Tensor, axes: list[int]) -> Tensor:
     """Mean of ``t`` over ``axes``, shaped to broadcast against ``t`` with leading 1s dropped (Python operators
     reach Paddle's kernels directly, so the ``[C, 1, 1]`` layout is chosen here)."""
-    count = 1
-    for a in axes:
-        count *= int(t.shape[a])
-    m = reduce_sum(t, axes) * (1.0 / count)
+    m = reduce_sum(t, axes) * (1.0 / math.prod(int(t.shape[a]) for a in axes))
     return m.reshape(lean_shape(m.shape))
 
 
