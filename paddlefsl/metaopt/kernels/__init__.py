@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import paddle
@@ -94,28 +94,42 @@ def conv2d_supported(x: paddle.Tensor, w: paddle.Tensor, dilation: Sequence[int]
             and x.place.is_cpu_place() and w.place.is_cpu_place() and macs >= MIN_MACS and onednn.available())
 
 
-def _checked_call(key: tuple, fast: Callable[[], paddle.Tensor],
-                  reference: Callable[[], paddle.Tensor]) -> paddle.Tensor:
-    """``fast()``, compared once per ``key`` with ``reference()``; a key that disagreed gets ``reference()``."""
+def _self_checked(key: tuple, fast: Callable[[], Any], agrees: Callable[[Any], bool]) -> Any:
+    """``fast()``, checked once per ``key`` with ``agrees(result)``; ``None`` for a key whose kernel failed or
+    disagreed (then and from then on, with a warning the first time)."""
     ok = _checked.get(key)
     if ok is False:
-        return reference()
+        return None
     try:
         value = fast()
     except RuntimeError as error:  # oneDNN refused the geometry: Paddle's kernel for this shape from now on
         _checked[key] = False
         warnings.warn(f"oneDNN kernel {key[0]} for shapes {key[1:]} failed ({error}); using Paddle's kernel",
-                      RuntimeWarning, stacklevel=3)
-        return reference()
+                      RuntimeWarning, stacklevel=4)
+        return None
     if ok is None:
-        want = reference()
-        got_np, want_np = value.numpy(), want.numpy()
-        scale = max(float(np.abs(want_np).max()), 1e-30)
-        _checked[key] = bool(got_np.shape == want_np.shape and np.abs(got_np - want_np).max() <= 1e-4 * scale)
+        _checked[key] = bool(agrees(value))
         if not _checked[key]:
             warnings.warn(f"oneDNN kernel {key[0]} for shapes {key[1:]} disagrees with Paddle's kernel; using "
-                          "Paddle's kernel for it", RuntimeWarning, stacklevel=3)
-            return want
+                          "Paddle's kernel for it", RuntimeWarning, stacklevel=4)
+            return None
+    return value
+
+
+def _checked_call(key: tuple, fast: Callable[[], paddle.Tensor],
+                  reference: Callable[[], paddle.Tensor]) -> paddle.Tensor:
+    """``fast()``, compared once per ``key`` with ``reference()``; a key that disagreed gets ``reference()``."""
+    references: list[paddle.Tensor] = []
+
+    def agrees(value: paddle.Tensor) -> bool:
+        references.append(reference())
+        got_np, want_np = value.numpy(), references[0].numpy()
+        scale = max(float(np.abs(want_np).max()), 1e-30)
+        return got_np.shape == want_np.shape and np.abs(got_np - want_np).max() <= 1e-4 * scale
+
+    value = _self_checked(key, fast, agrees)
+    if value is None:
+        return references[0] if references else reference()
     return value
 
 
@@ -187,29 +201,17 @@ def max_pool2d(x: paddle.Tensor, kernel: Sequence[int], stride: Sequence[int], p
     each window's maximum (ties may pick another position than Paddle's: both are the maximum).
     """
     key = ("max_pool2d", tuple(x.shape), tuple(kernel), tuple(stride), tuple(pads))
-    ok = _checked.get(key)
-    if ok is False:
-        return None
     x = _contiguous(x)
-    try:
-        y, ws = onednn.max_pool2d_forward(x, kernel, stride, pads)
-    except RuntimeError as error:
-        _checked[key] = False
-        warnings.warn(f"oneDNN kernel max_pool2d for shapes {key[1:]} failed ({error}); using Paddle's kernel",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    if ok is None:
+
+    def agrees(result: tuple[paddle.Tensor, paddle.Tensor]) -> bool:
+        y, ws = result
         n, c = x.shape[:2]
-        index = max_pool2d_index(ws, x.shape, kernel, stride, pads)
-        picked = paddle.take_along_axis(x.reshape([n, c, -1]), index, 2).reshape(y.shape)
+        picked = paddle.take_along_axis(x.reshape([n, c, -1]), max_pool2d_index(ws, x.shape, kernel, stride, pads),
+                                        2).reshape(y.shape)
         want = reference()
-        _checked[key] = bool(list(want.shape) == list(y.shape) and bool((want == y).all())
-                             and bool((picked == y).all()))
-        if not _checked[key]:
-            warnings.warn(f"oneDNN kernel max_pool2d for shapes {key[1:]} disagrees with Paddle's kernel; using "
-                          "Paddle's kernel for it", RuntimeWarning, stacklevel=3)
-            return None
-    return y, ws
+        return list(want.shape) == list(y.shape) and bool((want == y).all()) and bool((picked == y).all())
+
+    return _self_checked(key, lambda: onednn.max_pool2d_forward(x, kernel, stride, pads), agrees)
 
 
 def max_pool2d_backward(gy: paddle.Tensor, ws: paddle.Tensor, x_shape: Sequence[int], kernel: Sequence[int],
