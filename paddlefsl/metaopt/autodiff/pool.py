@@ -124,55 +124,69 @@ def scatter_add(values: paddle.Tensor, index: paddle.Tensor, size: int) -> paddl
     return _Scatter.apply(values, index, size)
 
 
-class _MaxWindows:
-    """The argmax of one max pooling whose every window holds an input element, in the two forms the kernels use.
+class _Windows:
+    """The argmax of one max pooling whose every window holds an input element: `scatter` sends an output gradient
+    to it (the adjoint of the pooling), `gather` reads an input-shaped gradient at it (the adjoint's adjoint)
+    through flat spatial indices that the subclass builds (`flat_index`, on first use)."""
 
-    ``mask`` is the ``max_pool*_with_index`` mask (flat spatial argmax, shaped like the output); the adjoint (scatter
-    the output gradient to the argmax) is Paddle's ``max_pool*_with_index_grad`` kernel on that mask, one kernel
-    instead of a zero tensor and a ``put_along_axis``.
-    """
+    def __init__(self, x_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+        self.x_shape = [int(d) for d in x_shape]
+        self.out_shape = [int(d) for d in out_shape]
+        self._index: paddle.Tensor | None = None
+
+    def scatter(self, g: paddle.Tensor) -> paddle.Tensor:
+        raise NotImplementedError
+
+    def flat_index(self) -> paddle.Tensor:
+        """The argmax as ``[N, C, L]`` int64 indices into the flattened spatial axes of the input."""
+        raise NotImplementedError
+
+    def gather(self, g: paddle.Tensor) -> paddle.Tensor:
+        n, c = self.x_shape[:2]
+        if self._index is None:
+            self._index = self.flat_index()
+        return original("take_along_axis")(g.reshape([n, c, -1]), self._index, 2).reshape(self.out_shape)
+
+
+class _MaxWindows(_Windows):
+    """The argmax as Paddle's ``max_pool*_with_index`` mask (flat spatial argmax, shaped like the output); the
+    adjoint is Paddle's ``max_pool*_with_index_grad`` kernel on that mask, one kernel instead of a zero tensor and a
+    ``put_along_axis``."""
 
     def __init__(self, x: paddle.Tensor, mask: paddle.Tensor, attrs: tuple) -> None:
+        super().__init__(x.shape, mask.shape)
         self.x = x  # read for its shape only
         self.mask = mask
         self.attrs = attrs
-        self._index: paddle.Tensor | None = None
 
     def scatter(self, g: paddle.Tensor) -> paddle.Tensor:
         name = "max_pool2d_with_index_grad" if self.x.ndim == 4 else "max_pool3d_with_index_grad"
         return original(name)(self.x, self.mask, g, *self.attrs)
 
-    def gather(self, g: paddle.Tensor) -> paddle.Tensor:
-        n, c = self.x.shape[:2]
-        if self._index is None:
-            self._index = self.mask.astype("int64").reshape([n, c, -1])
-        return original("take_along_axis")(g.reshape([n, c, -1]), self._index, 2).reshape(self.mask.shape)
+    def flat_index(self) -> paddle.Tensor:
+        n, c = self.x_shape[:2]
+        return self.mask.astype("int64").reshape([n, c, -1])
 
 
-class _OnednnWindows:
-    """The argmax of one 2-D max pooling computed by oneDNN (`paddlefsl.metaopt.kernels.max_pool2d`): the adjoint is
-    oneDNN's backward kernel on the workspace; the gather (the adjoint's adjoint) reads the workspace as flat
-    indices, built on first use."""
+class _OnednnWindows(_Windows):
+    """The argmax as oneDNN's workspace (`paddlefsl.metaopt.kernels.max_pool2d`): the adjoint is oneDNN's backward
+    kernel on it; the flat indices read it (`paddlefsl.metaopt.kernels.max_pool2d_index`)."""
 
     def __init__(self, x_shape: Sequence[int], ws: paddle.Tensor, kernel, stride, pads) -> None:
-        self.x_shape = [int(d) for d in x_shape]
+        super().__init__(x_shape, ws.shape)
         self.ws = ws
         self.geometry = (list(kernel), list(stride), list(pads))
-        self._index: paddle.Tensor | None = None
 
     def scatter(self, g: paddle.Tensor) -> paddle.Tensor:
         return kernels.max_pool2d_backward(g, self.ws, self.x_shape, *self.geometry)
 
-    def gather(self, g: paddle.Tensor) -> paddle.Tensor:
-        n, c = self.x_shape[:2]
-        if self._index is None:
-            self._index = kernels.max_pool2d_index(self.ws, self.x_shape, *self.geometry)
-        return original("take_along_axis")(g.reshape([n, c, -1]), self._index, 2).reshape(self.ws.shape)
+    def flat_index(self) -> paddle.Tensor:
+        return kernels.max_pool2d_index(self.ws, self.x_shape, *self.geometry)
 
 
 class _WindowScatter(GuardedPyLayer):
     @staticmethod
-    def forward(ctx, g, windows: _MaxWindows):
+    def forward(ctx, g, windows: _Windows):
         ctx.windows = windows
         return windows.scatter(g)
 
@@ -183,7 +197,7 @@ class _WindowScatter(GuardedPyLayer):
 
 class _WindowGather(GuardedPyLayer):
     @staticmethod
-    def forward(ctx, g, windows: _MaxWindows):
+    def forward(ctx, g, windows: _Windows):
         ctx.windows = windows
         return windows.gather(g)
 
