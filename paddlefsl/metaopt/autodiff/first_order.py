@@ -20,8 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from paddlefsl.metaopt import kernels
-from paddlefsl.metaopt.autodiff import conv, registry
-from paddlefsl.metaopt.autodiff.common import ints
+from paddlefsl.metaopt.autodiff import conv, pool, registry
 
 __all__ = ["STOCK_AT_FIRST_ORDER", "patches"]
 
@@ -59,20 +58,11 @@ def _conv2d_not_fast(x, weight, strides, paddings, padding_algorithm, dilations,
 
 def _max_pool2d_not_fast(x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type,
                          global_pooling, adaptive, padding_algorithm, *extra, **kwargs) -> bool:
-    """True unless the exact ``pool2d`` rule would compute this max pooling with oneDNN (NCHW, explicit symmetric
-    pads, no ``ceil_mode``, not adaptive or global, float32 on the CPU, at least
-    `paddlefsl.metaopt.kernels.MIN_POOL_NUMEL` elements): oneDNN's forward and backward are 3 to 10 times faster
-    than Paddle's ``pool2d`` and its gradient kernel on W2's shapes, worth the rule's PyLayer."""
-    if (extra or kwargs or pooling_type != "max" or data_format != "NCHW" or global_pooling or adaptive or ceil_mode
-            or (padding_algorithm or "EXPLICIT").upper() != "EXPLICIT" or not kernels.max_pool2d_supported(x)):
-        return True
-    pads = ints(paddings, 2)
-    if len(pads) == 4:
-        if pads[0] != pads[1] or pads[2] != pads[3]:
-            return True
-        pads = pads[0::2]
-    kernel, stride = ints(kernel_size, 2), ints(strides, 2)
-    return any(k - p <= 0 or 2 * p >= k for k, p in zip(kernel, pads)) or any(s <= 0 for s in stride)
+    """True unless the exact ``pool2d`` rule would compute this pooling with oneDNN (`pool.takes_onednn`): oneDNN's
+    forward and backward are 3 to 10 times faster than Paddle's ``pool2d`` and its gradient kernel on W2's shapes,
+    worth the rule's PyLayer."""
+    return bool(extra or kwargs) or not pool.takes_onednn(x, kernel_size, strides, paddings, ceil_mode, data_format,
+                                                          pooling_type, global_pooling, adaptive, padding_algorithm)
 
 
 # kernel -> None (stock first order always right) or a predicate on the kernel's arguments (stock when True).

@@ -320,6 +320,22 @@ def _max_pool_cf(x: paddle.Tensor, value: Callable, kernel, stride, pads, ceil_m
     return _MaxPool.apply(x, compute)
 
 
+def takes_onednn(x, kernel_size, strides, paddings, ceil_mode, data_format, pooling_type, global_pooling, adaptive,
+                 padding_algorithm) -> bool:
+    """Whether the ``pool2d`` rule computes this call's value and gradient with oneDNN: a channel-first 2-D max
+    pooling (not global, adaptive or ``ceil_mode``) whose resolved pads are symmetric and whose every window holds an
+    input element (so `_pool` takes `_FastMaxPool`), on an input `paddlefsl.metaopt.kernels.max_pool2d_supported`
+    accepts."""
+    if (pooling_type != "max" or channel_last(data_format) or global_pooling or adaptive or ceil_mode or x.ndim != 4
+            or not kernels.max_pool2d_supported(x)):
+        return False
+    spatial, kernel, stride = list(x.shape[2:]), ints(kernel_size, 2), ints(strides, 2)
+    pads, _ = resolve_padding(paddings, padding_algorithm, spatial, kernel, stride, [1, 1])
+    return all(pads[2 * i] == pads[2 * i + 1] for i in range(2)) and _windows_all_hold_input(
+        spatial, [_out_size(spatial[i], kernel[i], stride[i], pads[2 * i], False) for i in range(2)], kernel, stride,
+        pads[0::2])
+
+
 def _pool(name: str, x, kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type,
           global_pooling, adaptive, padding_algorithm, extra: tuple, kwargs: dict) -> paddle.Tensor:
     args = (kernel_size, strides, paddings, ceil_mode, exclusive, data_format, pooling_type, global_pooling,
