@@ -2,9 +2,15 @@
 
 Multi-input rules use one single-input PyLayer per differentiable input. Paddle prunes the input slots of a
 PyLayer that do not lead to the tensors asked for in ``paddle.grad`` and then refuses a gradient for them, so a
-multi-input PyLayer breaks ``paddle.grad(loss, [x])`` when another input also needs a gradient. `apply_rule()`
-therefore gives each input that needs a gradient its own single-input PyLayer whose backward closes over the other
-(live, differentiable) inputs, so cross derivatives are kept at every order.
+multi-input PyLayer whose backward returns every gradient breaks ``paddle.grad(loss, [x])`` when another input also
+needs a gradient. `apply_rule()` therefore gives each input that needs a gradient its own single-input PyLayer (a
+`_Token`: a one-element output, whose backward returns that input's gradient) and joins the tokens in one
+`_Join`, which runs the kernel. The join's backward keeps the output gradients for the tokens and returns ``None``
+for every token (always accepted, pruned or not); Paddle then runs each token that leads to a tensor asked for, after
+the join, and each computes its input's gradient from the kept output gradients, closing over the other (live,
+differentiable) inputs, so cross derivatives are kept at every order. Joining the tokens costs two one-element
+tensors per input, where adding one zero output per extra input to the first input's output cost a full-size
+``zeros_like``, a full-size ``add`` and two full-size copies of the gradient in the ``add``'s backward.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ MATMUL_SUM_MIN_NUMEL = 1 << 16
 
 
 class _Slot(GuardedPyLayer):
-    """One differentiable input of a rule: forward returns ``value()``, backward returns ``grad(*gys)``."""
+    """The one differentiable input of a rule: forward returns ``value()``, backward returns ``grad(*gys)``."""
 
     @staticmethod
     def forward(ctx, t, value: Callable, grad: Callable):
@@ -36,6 +42,35 @@ class _Slot(GuardedPyLayer):
     @staticmethod
     def backward(ctx, *gys):
         return ctx.grad(*gys)
+
+
+class _Token(GuardedPyLayer):
+    """One of several differentiable inputs of a rule: forward returns a one-element zero (joined by `_Join`);
+    backward returns ``grad(*gys)`` for the output gradients ``gys`` that the join kept in ``kept``."""
+
+    @staticmethod
+    def forward(ctx, t, grad: Callable, kept: list):
+        ctx.grad, ctx.kept = grad, kept
+        return paddle.zeros([1], dtype=t.dtype)
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.grad(*ctx.kept[0])
+
+
+class _Join(GuardedPyLayer):
+    """The outputs ``run()`` of a rule with several differentiable inputs, each behind a `_Token`. Backward keeps
+    the output gradients for the tokens and gives none to them directly."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, kept: list, *tokens):
+        ctx.kept, ctx.count = kept, len(tokens)
+        return run()
+
+    @staticmethod
+    def backward(ctx, *gys):
+        ctx.kept[0] = gys
+        return (None,) * ctx.count
 
 
 def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
@@ -54,14 +89,11 @@ def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
     needed = [i for i, t in enumerate(inputs) if t is not None and not t.stop_gradient]
     if not paddle.is_grad_enabled() or not needed:
         return run()
-    out = _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
-    for i in needed[1:]:
-        multi = isinstance(out, (tuple, list))
-        zeros = (lambda o=out: tuple(paddle.zeros_like(t) for t in o)) if multi else \
-            (lambda o=out: paddle.zeros_like(o))
-        extra = _Slot.apply(inputs[i], zeros, grads[i])
-        out = tuple(a + b for a, b in zip(out, extra)) if multi else out + extra
-    return out
+    if len(needed) == 1:
+        return _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
+    kept: list = [None]
+    tokens = [_Token.apply(inputs[i], grads[i], kept) for i in needed]
+    return _Join.apply(run, kept, *tokens)
 
 
 class _Pointwise(GuardedPyLayer):
