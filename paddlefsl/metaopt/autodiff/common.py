@@ -46,7 +46,11 @@ class _Slot(GuardedPyLayer):
 
 class _Token(GuardedPyLayer):
     """One of several differentiable inputs of a rule: forward returns a one-element zero (joined by `_Join`);
-    backward returns ``grad(*gys)`` for the output gradients ``gys`` that the join kept in ``kept``."""
+    backward returns ``grad(*gys)`` for the output gradients ``gys`` that the join kept in ``kept``.
+
+    A gradient that shares memory with a kept output gradient or with another token's gradient (``lambda g: g``)
+    is copied: Paddle accumulates gradients in place into the first one it receives, which would change the
+    output gradient the other tokens still read, or two inputs' gradients at once."""
 
     @staticmethod
     def forward(ctx, t, grad: Callable, kept: list):
@@ -55,7 +59,13 @@ class _Token(GuardedPyLayer):
 
     @staticmethod
     def backward(ctx, _):
-        return ctx.grad(*ctx.kept[0])
+        gys, taken = ctx.kept
+        result = ctx.grad(*gys)
+        if isinstance(result, Tensor):
+            if result.data_ptr() in taken:
+                result = result.clone()
+            taken.add(result.data_ptr())
+        return result
 
 
 class _Join(GuardedPyLayer):
@@ -69,7 +79,7 @@ class _Join(GuardedPyLayer):
 
     @staticmethod
     def backward(ctx, *gys):
-        ctx.kept[0] = gys
+        ctx.kept[:] = [gys, {g.data_ptr() for g in gys if isinstance(g, Tensor)}]
         return (None,) * ctx.count
 
 
@@ -91,7 +101,7 @@ def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
         return run()
     if len(needed) == 1:
         return _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
-    kept: list = [None]
+    kept: list = [None, None]
     tokens = [_Token.apply(inputs[i], grads[i], kept) for i in needed]
     return _Join.apply(run, kept, *tokens)
 

@@ -66,6 +66,28 @@ def test_backward_through_a_rule_fills_every_input_gradient():
         np.testing.assert_allclose(t.grad.numpy(), r.grad.numpy(), rtol=1e-12, atol=1e-12)
 
 
+def _sum_rule(x, y):
+    """``x + y`` as a rule whose gradients are the output gradient itself."""
+    return common.apply_rule([x, y], lambda: paddle.add(x.detach(), y.detach()), [lambda g: g, lambda g: g])
+
+
+def test_gradients_returned_as_the_output_gradient_do_not_share_memory():
+    """Paddle accumulates in place into the first gradient a tensor receives: two inputs handed the same output
+    gradient tensor would share their ``.grad``, and a second ``backward()`` would add to both twice."""
+    x = paddle.to_tensor([1.0, 2.0], stop_gradient=False)
+    y = paddle.to_tensor([3.0, 4.0], stop_gradient=False)
+    gx, gy = paddle.grad(_sum_rule(x, y).sum(), [x, y])
+    assert gx.data_ptr() != gy.data_ptr()
+    for _ in range(2):
+        _sum_rule(x, y).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 2.0])
+    np.testing.assert_array_equal(y.grad.numpy(), [2.0, 2.0])
+    x.clear_grad(), y.clear_grad()
+    a = x * 3.0                       # x reached twice: through the rule and through a
+    (_sum_rule(x, a) + a).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [7.0, 7.0])
+
+
 def test_a_rule_with_several_inputs_adds_no_full_size_tensor(monkeypatch):
     """Each input that needs a gradient costs a one-element tensor: no zero output per extra input to be added
     to the first (a full-size ``zeros_like``, a full-size ``add`` and two full-size gradient copies in its
