@@ -142,7 +142,8 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
     full-size kernels, eight before the regrouping).
 
     A backward pass that records no graph (its values are not differentiated again) takes ``dx`` and ``dw``
-    from Paddle's fused ``batch_norm_grad`` kernel: one kernel, about five times faster than the composite.
+    from Paddle's fused ``batch_norm_grad`` kernel: one kernel, about five times faster than the composite, run
+    once for both.
     """
     lean = lean_shape(bshape)
     count = 1
@@ -159,10 +160,20 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
             cache[key] = _standardize(x, axes, eps)
         return cache[key]
 
+    # The input and weight gradients of one backward get the same output-gradient tensor (`apply_rule`), so the
+    # second of them takes the fused kernel's result that the first left here.
+    shared = not x.stop_gradient and not weight.stop_gradient if fused_ok else False
+
     def fused(g):
+        left = cache.pop("fused", None)
+        if left is not None and left[0] is g:
+            return left[1]
         mean_out, var_out, saved_mean, saved_var, reserve = rest
-        return original("batch_norm_grad")(x, weight, bias, mean_out, var_out, saved_mean, saved_var, reserve, g,
-                                           *attrs)
+        result = original("batch_norm_grad")(x, weight, bias, mean_out, var_out, saved_mean, saved_var, reserve, g,
+                                             *attrs)
+        if shared:
+            cache["fused"] = (g, result)
+        return result
 
     def unrecorded() -> bool:
         return not paddle.is_grad_enabled() and fused_ok and len(rest) == 5

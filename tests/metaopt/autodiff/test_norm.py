@@ -306,8 +306,9 @@ def test_grad_with_respect_to_a_subset_of_inputs(case: str) -> None:
 
 @pytest.mark.parametrize("fmt,shape", [("NCHW", (3, 2, 4, 4)), ("NHWC", (2, 3, 3, 2)), ("NC", (5, 2))])
 def test_batch_norm_gradient_is_the_fused_kernel_when_not_recorded(fmt, shape):
-    """Training-mode batch norm: a backward pass that records no graph takes dx and dw from the stock
-    batch_norm_grad kernel; a recorded one builds them in differentiable ops. Both give the same values."""
+    """Training-mode batch norm: a backward pass that records no graph takes dx and dw from one call of the stock
+    batch_norm_grad kernel (the input's and the weight's gradient share it); a recorded one builds them in
+    differentiable ops. Both give the same values, and a backward asking for only one of them too."""
     from tests.opcheck import kernel_calls
     c = shape[1] if fmt != "NHWC" else shape[-1]
     x, w, b, g = _r(*shape), _pos(c), _r(c), _r(*shape)
@@ -320,9 +321,18 @@ def test_batch_norm_gradient_is_the_fused_kernel_when_not_recorded(fmt, shape):
             with kernel_calls() as calls:
                 results[recorded] = paddle.grad((y * paddle.to_tensor(g)).sum(), [xt, wt, bt],
                                                 create_graph=recorded)
-        assert calls.get("batch_norm_grad", 0) == (0 if recorded else 2), calls  # dx and dw
+        assert calls.get("batch_norm_grad", 0) == (0 if recorded else 1), calls  # dx and dw from one call
     for fused, composite in zip(results[False], results[True]):
         np.testing.assert_allclose(fused.numpy(), composite.numpy(), rtol=1e-9, atol=1e-11)
+    for i in range(3):   # one input at a time, twice from one graph: the shared result never goes stale
+        with exact_ops():
+            ts = _tensors([x, w, b])
+            y = F.batch_norm(ts[0], paddle.zeros([c], "float64"), paddle.ones([c], "float64"), ts[1], ts[2],
+                             training=True, data_format=fmt)
+            for factor in (1.0, 2.0):
+                (alone,) = paddle.grad((y * paddle.to_tensor(factor * g)).sum(), [ts[i]], retain_graph=True)
+                np.testing.assert_allclose(alone.numpy(), factor * results[False][i].numpy(), rtol=1e-9,
+                                           atol=1e-11)
 
 
 @pytest.mark.parametrize("fast", [True, False])
