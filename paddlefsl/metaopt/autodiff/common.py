@@ -48,9 +48,9 @@ class _Token(GuardedPyLayer):
     """One of several differentiable inputs of a rule: forward returns a one-element zero (joined by `_Join`);
     backward returns ``grad(*gys)`` for the output gradients ``gys`` that the join kept in ``kept``.
 
-    A gradient that shares memory with a kept output gradient or with another token's gradient (``lambda g: g``)
-    is copied: Paddle accumulates gradients in place into the first one it receives, which would change the
-    output gradient the other tokens still read, or two inputs' gradients at once."""
+    Paddle accumulates gradients in place into the first one it receives, so a gradient that shares memory with
+    another token's gradient is copied, and so is one that shares memory with a kept output gradient (``lambda g:
+    g``) unless every other token has run (nothing reads the kept gradients any more)."""
 
     @staticmethod
     def forward(ctx, t, grad: Callable, kept: list):
@@ -59,12 +59,14 @@ class _Token(GuardedPyLayer):
 
     @staticmethod
     def backward(ctx, _):
-        gys, taken = ctx.kept
+        gys, kept_memory, given = ctx.kept[:3]
+        ctx.kept[3] -= 1
         result = ctx.grad(*gys)
         if isinstance(result, Tensor):
-            if result.data_ptr() in taken:
+            memory = result.data_ptr()
+            if memory in given or (memory in kept_memory and ctx.kept[3] > 0):
                 result = result.clone()
-            taken.add(result.data_ptr())
+            given.add(result.data_ptr())
         return result
 
 
@@ -79,7 +81,8 @@ class _Join(GuardedPyLayer):
 
     @staticmethod
     def backward(ctx, *gys):
-        ctx.kept[:] = [gys, {g.data_ptr() for g in gys if isinstance(g, Tensor)}]
+        # the output gradients, their memory, the memory of the gradients given so far, the tokens still to run
+        ctx.kept[:] = [gys, {g.data_ptr() for g in gys if isinstance(g, Tensor)}, set(), ctx.count]
         return (None,) * ctx.count
 
 
@@ -101,7 +104,7 @@ def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
         return run()
     if len(needed) == 1:
         return _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
-    kept: list = [None, None]
+    kept: list = []
     tokens = [_Token.apply(inputs[i], grads[i], kept) for i in needed]
     return _Join.apply(run, kept, *tokens)
 

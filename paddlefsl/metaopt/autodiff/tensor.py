@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import paddle
 from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
-from paddlefsl.metaopt.autodiff.common import apply_rule, lean_shape, pointwise
+from paddlefsl.metaopt.autodiff.common import MATMUL_SUM_MIN_NUMEL, apply_rule, lean_shape, pointwise, reduce_sum
 from paddlefsl.metaopt.autodiff.registry import exact, original, stock, verified, verified_operator_node
 
 _CHECKED = "Paddle's double gradient, checked against finite differences"
@@ -45,7 +45,8 @@ verified_operator_node("DivScaleGradNode", "`x / c` for a Python number c (Tenso
 def _binary(name: str) -> Callable:
     """The stock binary kernel ``name``, with the leading size-1 axes of a broadcast operand dropped first
     (`lean_shape()`: conv biases and normalization statistics hit Paddle's
-    slow broadcast). The values and Paddle's own (exact) gradients are unchanged."""
+    slow broadcast). The values and Paddle's own (exact) gradients are unchanged, except for a per-channel bias
+    added to a large tensor (`_bias_add`)."""
     kernel = original(name)
 
     def binary(x, y, *args, **kwargs):
@@ -56,6 +57,11 @@ def _binary(name: str) -> Callable:
                     y = original("reshape")(y, lean_shape(ys))
                 elif xs[0] == 1 and ys[0] != 1:
                     x = original("reshape")(x, lean_shape(xs))
+            if name == "add" and not args and not kwargs:
+                if _is_channel_bias(x, y):
+                    return _bias_add(x, y)
+                if _is_channel_bias(y, x):
+                    return _bias_add(y, x)
         return kernel(x, y, *args, **kwargs)
 
     binary.__name__ = name
@@ -63,8 +69,35 @@ def _binary(name: str) -> Callable:
     return binary
 
 
+BIAS_ADD_MIN_NUMEL = MATMUL_SUM_MIN_NUMEL
+"""Smallest tensor to which `_bias_add` adds a per-channel bias (below it Paddle's ``add`` gradient is as fast)."""
+
+
+def _is_channel_bias(x: paddle.Tensor, b: paddle.Tensor) -> bool:
+    """True for a channel-first ``x`` (``[N, C, ...]``, at least `BIAS_ADD_MIN_NUMEL` elements) and a bias ``b``
+    of shape ``[C, 1, ...]`` (one value per channel, broadcast over the batch and the other axes) that needs a
+    gradient."""
+    xs, bs = x.shape, b.shape
+    return (not b.stop_gradient and len(xs) >= 3 and len(bs) == len(xs) - 1 and bs[0] == xs[1]
+            and all(d == 1 for d in bs[1:]) and x.dtype == b.dtype and paddle.is_grad_enabled()
+            and math.prod(xs) >= BIAS_ADD_MIN_NUMEL)
+
+
+def _bias_add(x: paddle.Tensor, b: paddle.Tensor) -> paddle.Tensor:
+    """``x + b`` for a per-channel bias ``b``: the stock kernel, with the gradients ``g`` for ``x`` and the
+    per-channel sum of ``g`` (`reduce_sum`, a matrix product) for ``b``. Paddle's ``add`` gradient copies ``g``
+    for ``x`` and reduces over the batch and spatial axes with its slow reduce kernel (51 against 20 ms on a
+    ``[75, 32, 84, 84]`` float32 tensor, 2 threads)."""
+    axes = [a for a in range(len(x.shape)) if a != 1]
+    # The bias first: Paddle runs the tokens in this order, and x's (which returns g itself) need not copy g when
+    # it runs last (`apply_rule`).
+    return apply_rule([b, x], lambda: original("add")(x, b),
+                      [lambda g: original("reshape")(reduce_sum(g, axes), b.shape), lambda g: g])
+
+
 _BINARY_NOTE = "composite: reshape a [1, C, 1, 1]-style operand to [C, 1, 1], then the stock kernel (10x faster " \
-               "broadcast on CPU)"
+               "broadcast on CPU); a large per-channel bias add has its own rule (the bias gradient as a matrix " \
+               "product)"
 for _name in ("add", "subtract", "multiply", "divide"):
     exact(_name, "tensor", _BINARY_NOTE)(_binary(_name))
 

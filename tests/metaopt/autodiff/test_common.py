@@ -88,6 +88,21 @@ def test_gradients_returned_as_the_output_gradient_do_not_share_memory():
     np.testing.assert_array_equal(x.grad.numpy(), [7.0, 7.0])
 
 
+@pytest.mark.parametrize("wrt,copies", [("xy", 1), ("x", 1), ("y", 1)])
+def test_only_gradients_still_shared_with_a_reader_are_copied(wrt, copies, monkeypatch):
+    """Of two inputs whose gradient is the output gradient itself, the token that runs last returns it as it is
+    (nothing reads it afterwards); the other returns a copy. With one input asked for, the other token never runs,
+    so the one that does copies."""
+    made = []
+    clone = paddle.Tensor.clone
+    monkeypatch.setattr(paddle.Tensor, "clone", lambda t: made.append(1) or clone(t))
+    ts = {"x": paddle.to_tensor([1.0, 2.0], stop_gradient=False), "y": paddle.to_tensor([3.0, 4.0], stop_gradient=False)}
+    grads = paddle.grad(_sum_rule(ts["x"], ts["y"]).sum(), [ts[n] for n in wrt])
+    assert len(made) == copies
+    for g in grads:
+        np.testing.assert_array_equal(g.numpy(), [1.0, 1.0])
+
+
 def test_a_rule_with_several_inputs_adds_no_full_size_tensor(monkeypatch):
     """Each input that needs a gradient costs a one-element tensor: no zero output per extra input to be added
     to the first (a full-size ``zeros_like``, a full-size ``add`` and two full-size gradient copies in its

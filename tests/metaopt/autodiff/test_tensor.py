@@ -321,3 +321,53 @@ def test_partial_grad_with_other_inputs_differentiable(case: str) -> None:
     """paddle.grad w.r.t. one input while the others also need gradients (Paddle prunes PyLayer input slots)."""
     _, f, arrays = CASES[case]
     check_second_order(f, arrays, wrt=[0])
+
+
+@pytest.mark.parametrize("x_needs", [True, False])
+@pytest.mark.parametrize("shape,bias_first", [((3, 4, 70, 80), False), ((3, 4, 70, 80), True), ((6, 8, 2000), False)])
+def test_a_large_per_channel_bias_add_has_its_own_exact_rule(shape, bias_first, x_needs):
+    """``_C_ops.add(x, b)`` with ``b`` of shape ``[1, C, 1, ...]`` (a conv bias, as ``F.conv2d`` adds it) on a
+    large ``x``: a rule whose
+    bias gradient is a matrix product, not Paddle's ``AddGradNode`` (a copy and a slow reduce); values and first,
+    second and third derivatives equal stock Paddle's (float64)."""
+    rng = np.random.default_rng(4)
+    xa, ba = rng.standard_normal(shape), rng.standard_normal([1, shape[1]] + [1] * (len(shape) - 2))
+
+    def derivatives(scope):
+        with scope:
+            x = paddle.to_tensor(xa, stop_gradient=not x_needs)
+            b = paddle.to_tensor(ba, stop_gradient=False)
+            y = _C_ops.add(b, x) if bias_first else _C_ops.add(x, b)
+            node = y.grad_fn.name()
+            wrt = [x, b] if x_needs else [b]
+            first = paddle.grad((y * y * y).sum() * 1e-3, wrt, create_graph=True)
+            second = paddle.grad(sum((g * g).sum() for g in first), wrt, create_graph=True)
+            third = paddle.grad(sum((g * g * g).sum() for g in second), wrt)
+            return node, [y.numpy()] + [t.numpy() for t in (*first, *second, *third)]
+
+    node, ours = derivatives(exact_ops())
+    stock_node, stock = derivatives(contextlib.nullcontext())
+    assert stock_node == "AddGradNode"
+    assert node == ("GradNodePyLayer__Join" if x_needs else "GradNodePyLayer__Slot")
+    for got, want in zip(ours, stock):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * max(1.0, float(np.abs(want).max())))
+
+
+def test_a_small_bias_add_keeps_paddles_add():
+    with exact_ops():
+        x = paddle.to_tensor(_r(2, 3, 4, 4), stop_gradient=False)
+        b = paddle.to_tensor(_r(1, 3, 1, 1), stop_gradient=False)
+        assert _C_ops.add(x, b).grad_fn.name() == "AddGradNode"
+
+
+def test_the_bias_rule_hands_the_output_gradient_on_without_a_copy(monkeypatch):
+    made = []
+    clone = paddle.Tensor.clone
+    monkeypatch.setattr(paddle.Tensor, "clone", lambda t: made.append(1) or clone(t))
+    with exact_ops():
+        x = paddle.to_tensor(_r(3, 4, 70, 80), stop_gradient=False)
+        b = paddle.to_tensor(_r(1, 4, 1, 1), stop_gradient=False)
+        gx, gb = paddle.grad(_C_ops.add(x, b).sum(), [x, b])
+    assert made == []
+    np.testing.assert_array_equal(gx.numpy(), np.ones([3, 4, 70, 80]))
+    np.testing.assert_allclose(gb.numpy(), np.full([1, 4, 1, 1], 3 * 70 * 80.0))
