@@ -44,29 +44,42 @@ class _Slot(GuardedPyLayer):
         return ctx.grad(*gys)
 
 
+class _Kept:
+    """What a `_Join`'s backward leaves for its tokens: the output gradients, the memory they occupy, the memory of
+    the gradients the tokens have returned so far, and how many tokens have not run yet."""
+
+    __slots__ = ("gys", "memory", "given", "pending")
+
+    def __init__(self) -> None:
+        self.gys: tuple = ()
+        self.memory: set[int] = set()
+        self.given: set[int] = set()
+        self.pending = 0
+
+
 class _Token(GuardedPyLayer):
     """One of several differentiable inputs of a rule: forward returns a one-element zero (joined by `_Join`);
-    backward returns ``grad(*gys)`` for the output gradients ``gys`` that the join kept in ``kept``.
+    backward returns ``grad(*gys)`` for the output gradients ``gys`` that the join kept.
 
     Paddle accumulates gradients in place into the first one it receives, so a gradient that shares memory with
     another token's gradient is copied, and so is one that shares memory with a kept output gradient (``lambda g:
     g``) unless every other token has run (nothing reads the kept gradients any more)."""
 
     @staticmethod
-    def forward(ctx, t, grad: Callable, kept: list):
+    def forward(ctx, t, grad: Callable, kept: _Kept):
         ctx.grad, ctx.kept = grad, kept
         return paddle.zeros([1], dtype=t.dtype)
 
     @staticmethod
     def backward(ctx, _):
-        gys, kept_memory, given = ctx.kept[:3]
-        ctx.kept[3] -= 1
-        result = ctx.grad(*gys)
+        kept = ctx.kept
+        kept.pending -= 1
+        result = ctx.grad(*kept.gys)
         if isinstance(result, Tensor):
             memory = result.data_ptr()
-            if memory in given or (memory in kept_memory and ctx.kept[3] > 0):
+            if memory in kept.given or (memory in kept.memory and kept.pending > 0):
                 result = result.clone()
-            given.add(result.data_ptr())
+            kept.given.add(result.data_ptr())
         return result
 
 
@@ -75,14 +88,15 @@ class _Join(GuardedPyLayer):
     the output gradients for the tokens and gives none to them directly."""
 
     @staticmethod
-    def forward(ctx, run: Callable, kept: list, *tokens):
+    def forward(ctx, run: Callable, kept: _Kept, *tokens):
         ctx.kept, ctx.count = kept, len(tokens)
         return run()
 
     @staticmethod
     def backward(ctx, *gys):
-        # the output gradients, their memory, the memory of the gradients given so far, the tokens still to run
-        ctx.kept[:] = [gys, {g.data_ptr() for g in gys if isinstance(g, Tensor)}, set(), ctx.count]
+        kept = ctx.kept
+        kept.gys, kept.memory = gys, {g.data_ptr() for g in gys if isinstance(g, Tensor)}
+        kept.given, kept.pending = set(), ctx.count
         return (None,) * ctx.count
 
 
@@ -104,7 +118,7 @@ def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
         return run()
     if len(needed) == 1:
         return _Slot.apply(inputs[needed[0]], run, grads[needed[0]])
-    kept: list = []
+    kept = _Kept()
     tokens = [_Token.apply(inputs[i], grads[i], kept) for i in needed]
     return _Join.apply(run, kept, *tokens)
 
