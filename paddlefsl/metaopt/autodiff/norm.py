@@ -146,9 +146,7 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
     once for both.
     """
     lean = lean_shape(bshape)
-    count = 1
-    for a in axes:
-        count *= int(x.shape[a])
+    count = math.prod(int(x.shape[a]) for a in axes)
     cache: dict = {}
     # Stock batch_norm_grad is right for training-mode batch statistics only (with is_test=True it treats the
     # batch statistics as constants: wrong).
@@ -162,7 +160,7 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
 
     # The input and weight gradients of one backward get the same output-gradient tensor (`apply_rule`), so the
     # second of them takes the fused kernel's result that the first left here.
-    shared = not x.stop_gradient and not weight.stop_gradient if fused_ok else False
+    shared = fused_ok and not x.stop_gradient and not weight.stop_gradient
 
     def fused(g):
         left = cache.pop("fused", None)
