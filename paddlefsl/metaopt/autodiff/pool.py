@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, Sequence
 
 import paddle
@@ -124,7 +125,7 @@ def scatter_add(values: paddle.Tensor, index: paddle.Tensor, size: int) -> paddl
     return _Scatter.apply(values, index, size)
 
 
-class _Windows:
+class _Windows(abc.ABC):
     """The argmax of one max pooling whose every window holds an input element: `scatter` sends an output gradient
     to it (the adjoint of the pooling), `gather` reads an input-shaped gradient at it (the adjoint's adjoint)
     through flat spatial indices that the subclass builds (`flat_index`, on first use)."""
@@ -134,12 +135,13 @@ class _Windows:
         self.out_shape = [int(d) for d in out_shape]
         self._index: paddle.Tensor | None = None
 
+    @abc.abstractmethod
     def scatter(self, g: paddle.Tensor) -> paddle.Tensor:
-        raise NotImplementedError
+        """The output gradient ``g`` sent to the argmax (an input-shaped tensor)."""
 
+    @abc.abstractmethod
     def flat_index(self) -> paddle.Tensor:
         """The argmax as ``[N, C, L]`` int64 indices into the flattened spatial axes of the input."""
-        raise NotImplementedError
 
     def gather(self, g: paddle.Tensor) -> paddle.Tensor:
         n, c = self.x_shape[:2]
