@@ -1,3 +1,4 @@
+import gc
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -145,3 +146,34 @@ def test_conv_model_first_order_runs_and_learns_direction():
     before = F.cross_entropy(task(x), y).item()
     task.adapt(F.cross_entropy(task(x), y))
     assert F.cross_entropy(task(x), y).item() < before
+
+
+def _live_pylayer_contexts() -> int:
+    """How many PyLayer contexts are alive: each lives exactly as long as its grad node."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o).__name__.endswith("_backward")
+               and type(o).__module__.startswith("paddle.autograd"))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_task_adapted_and_dropped_without_backward_is_freed(first_order):
+    """An evaluation loop adapts each task and drops it without a backward. With ``create_graph=True`` the joins'
+    kept output gradients used to close a cycle through Paddle's C++ nodes, so every such task's whole graph stayed
+    alive (W2 second order: 300 MiB a task, RSS 4 GiB after 12 tasks)."""
+    paddle.seed(0)
+    model = nn.Sequential(nn.Conv2D(1, 4, 3), nn.BatchNorm2D(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    maml = MAML(model, 0.1, first_order=first_order)
+    x, y = paddle.randn([6, 1, 6, 6]), paddle.arange(3).tile([2])
+
+    def evaluate_one_task():
+        task = maml.clone()
+        for _ in range(2):
+            task.adapt(F.cross_entropy(task(x), y))
+        with paddle.no_grad():
+            return float(F.cross_entropy(task(x), y))
+
+    evaluate_one_task()   # the first graph of this code and shapes is walked by the audit, which keeps it alive
+    before = _live_pylayer_contexts()
+    losses = [evaluate_one_task() for _ in range(3)]
+    assert _live_pylayer_contexts() == before
+    assert np.isfinite(losses).all()

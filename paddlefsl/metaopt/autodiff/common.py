@@ -14,8 +14,10 @@ tensors per input, where adding one zero output per extra input to the first inp
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 import paddle
 from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
@@ -24,7 +26,7 @@ from paddlefsl.metaopt.autodiff.registry import original
 
 Tensor = paddle.Tensor
 
-__all__ = ["apply_rule", "pointwise", "ints", "lean_shape", "channel_last", "to_channel_first", "to_channel_last",
+__all__ = ["apply_rule", "one_backward_pass", "pointwise", "ints", "lean_shape", "channel_last", "to_channel_first", "to_channel_last",
            "reduce_sum", "MATMUL_SUM_MIN_NUMEL"]
 
 MATMUL_SUM_MIN_NUMEL = 1 << 16
@@ -46,15 +48,51 @@ class _Slot(GuardedPyLayer):
 
 class _Kept:
     """What a `_Join`'s backward leaves for its tokens: the output gradients, the memory they occupy, the memory of
-    the gradients the tokens have returned so far, and how many tokens have not run yet."""
+    the gradients the tokens have returned so far, and how many tokens have not run yet.
+
+    Kept output gradients must not outlive their backward pass. Recorded with ``create_graph=True`` they lead, through
+    the gradient graph, back to the rule's own grad nodes, which hold this object: a reference cycle through Paddle's
+    C++ nodes that Python's garbage collector cannot see, so a graph differentiated once and then dropped without a
+    backward through it (an evaluation loop's adapted task) would never be freed. The last token to run releases
+    them (`release`); `one_backward_pass` releases those of tokens that a ``paddle.grad`` pruned."""
 
     __slots__ = ("gys", "memory", "given", "pending")
 
     def __init__(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Drop the output gradients and what was recorded about them."""
         self.gys: tuple = ()
         self.memory: set[int] = set()
         self.given: set[int] = set()
         self.pending = 0
+
+
+_passes = threading.local()  # `.open`: one list of joined `_Kept` per `one_backward_pass` running in this thread
+
+
+@contextlib.contextmanager
+def one_backward_pass() -> Iterator[None]:
+    """Run one backward pass (a ``paddle.grad``) and then release what every join it ran kept for its tokens.
+
+    A token that the pass pruned (its input leads to no tensor asked for) never runs, so its join's kept output
+    gradients would stay behind (see `_Kept`). A token only ever runs in the pass that ran its join, after it, so
+    nothing kept is needed once the pass has returned.
+
+    Example:
+        >>> with one_backward_pass():
+        ...     grads = paddle.grad(loss, params, create_graph=True)
+    """
+    stack = _passes.__dict__.setdefault("open", [])
+    joined: list[_Kept] = []
+    stack.append(joined)
+    try:
+        yield
+    finally:
+        stack.pop()
+        for kept in joined:
+            kept.release()
 
 
 class _Token(GuardedPyLayer):
@@ -80,6 +118,8 @@ class _Token(GuardedPyLayer):
             if memory in kept.given or (memory in kept.memory and kept.pending > 0):
                 result = result.clone()
             kept.given.add(result.data_ptr())
+        if kept.pending == 0:
+            kept.release()
         return result
 
 
@@ -97,6 +137,9 @@ class _Join(GuardedPyLayer):
         kept = ctx.kept
         kept.gys, kept.memory = gys, {g.data_ptr() for g in gys if isinstance(g, Tensor)}
         kept.given, kept.pending = set(), ctx.count
+        stack = getattr(_passes, "open", None)
+        if stack:
+            stack[-1].append(kept)
         return (None,) * ctx.count
 
 

@@ -36,7 +36,7 @@ from paddle import _C_ops, _legacy_C_ops
 
 from paddlefsl.metaopt.errors import SecondOrderError
 from paddlefsl.metaopt.kernels.allocator import apply_memory_reuse
-from paddlefsl.metaopt.autodiff import audit, first_order, registry, released
+from paddlefsl.metaopt.autodiff import audit, common, first_order, registry, released
 from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 
 OUTSIDE = "<outside the model>"
@@ -225,8 +225,9 @@ def audited_grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_g
         frame = sys._getframe(1)
         caller = f"{frame.f_code.co_filename}:{frame.f_lineno}"
         audit.audit_once(outputs, inputs_, audit.signature(outputs, inputs_, caller), UNTRACED)
-    return _saved_grads.get("paddle", _STOCK_GRAD)(outputs, inputs, grad_outputs, retain_graph, create_graph,
-                                                   only_inputs, allow_unused, no_grad_vars, *args, **kwargs)
+    with common.one_backward_pass():
+        return _saved_grads.get("paddle", _STOCK_GRAD)(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                                                       only_inputs, allow_unused, no_grad_vars, *args, **kwargs)
 
 
 def _install(level: int) -> None:
@@ -374,7 +375,8 @@ def grad(output: paddle.Tensor, inputs: list[paddle.Tensor], create_graph: bool,
         audit.audit_once(output, inputs, audit.signature(output, inputs, caller), UNTRACED)
     try:
         stock_grad = _saved_grads.get("paddle", _STOCK_GRAD)  # a user's wrapper of paddle.grad is kept, not audited
-        return list(stock_grad(output, inputs, create_graph=create_graph, allow_unused=True))
+        with common.one_backward_pass():
+            return list(stock_grad(output, inputs, create_graph=create_graph, allow_unused=True))
     except SecondOrderError:
         raise
     except Exception:

@@ -3,13 +3,15 @@ full-size tensor besides the outputs; `reduce_sum`: the per-channel sums of the 
 products, equal to Paddle's sum in value and in every derivative (float64), on both sides of its size threshold."""
 from __future__ import annotations
 
+import gc
 import itertools
+import weakref
 
 import numpy as np
 import paddle
 import pytest
 
-from paddlefsl.metaopt.autodiff import common
+from paddlefsl.metaopt.autodiff import common, scope
 
 
 def _product_rule(x, y, z, runs: list):
@@ -123,6 +125,77 @@ def test_a_rule_with_several_inputs_adds_no_full_size_tensor(monkeypatch):
     p, _ = _product_rule(x, y, z, [])
     assert created == []   # (the tokens' one-element zeros are made inside their PyLayers, without a graph)
     assert p.shape == [2, 3] and p.grad_fn.name() == "GradNodePyLayer__Join"
+
+class _Watched:
+    """A rule's gradient function that the test can watch die (a weak reference to it)."""
+
+    def __init__(self, grad):
+        self.grad = grad
+
+    def __call__(self, *gys):
+        return self.grad(*gys)
+
+
+def _watched_product(x, y, z):
+    """`_product_rule` with gradient functions behind weak references: they live exactly as long as the graph."""
+    fns = [_Watched(lambda g, h: g * y * z + h), _Watched(lambda g, h: g * x * z + h), _Watched(lambda g, h: g * x * y)]
+
+    def run():
+        with paddle.no_grad():
+            return x * y * z, x + y
+
+    p, q = common.apply_rule([x, y, z], run, fns)
+    return (p * p).sum() + (q * p).sum(), [weakref.ref(f) for f in fns]
+
+
+@pytest.mark.parametrize("wrt", ["xyz", "xy", "z"])
+def test_a_graph_differentiated_with_create_graph_is_freed_without_a_backward(wrt):
+    """The output gradients a join keeps for its tokens lead back to the rule's own nodes when they are recorded
+    (``create_graph=True``): a cycle through Paddle's C++ nodes that Python's collector cannot see. Kept after the
+    pass, they kept the whole graph alive: an evaluation loop that adapts each task and drops it without a
+    backward grew by the task's whole graph every task (W2: 300 MiB a task). The last token to run releases them;
+    when ``paddle.grad`` pruned some tokens (``wrt`` a subset), which then never run, the end of the pass does
+    (the exact scope's ``paddle.grad`` runs in `one_backward_pass`)."""
+    ts = dict(zip("xyz", _inputs("xyz")))
+    value, refs = _watched_product(*ts.values())
+    with common.one_backward_pass():
+        grads = paddle.grad(value, [ts[n] for n in wrt], create_graph=True)
+    assert all(ref() is not None for ref in refs)      # the graph is alive while its value is
+    del value, grads
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
+
+
+def test_the_exact_scopes_paddle_grad_releases_what_pruned_tokens_kept():
+    """While the exact scope is active (a task learner is alive), ``paddle.grad`` is the audited one, which runs
+    each call in `one_backward_pass`: a gradient of ``x`` alone prunes the other two tokens, and the graph is
+    still freed once dropped."""
+    alive = []
+    with scope.exact_ops():
+        for _ in range(2):   # the first graph of this line is walked by the audit, which keeps it alive
+            ts = _inputs("xyz")
+            value, refs = _watched_product(*ts)
+            grads = paddle.grad(value, ts[:1], create_graph=True)
+            del value, grads
+            gc.collect()
+            alive.append(sum(ref() is not None for ref in refs))
+    assert alive[1] == 0
+
+
+def test_a_recorded_gradient_still_differentiates_after_its_pass():
+    """Releasing what the joins kept at the end of a pass loses nothing: a second ``paddle.grad`` and a
+    ``backward()`` over the same graph still give the stock composite's answers."""
+    results = []
+    for rule in (_product_rule, _stock):
+        ts = _inputs("xyz")
+        value, _ = _objective(rule, *ts)
+        first = paddle.grad(value, ts[:1], create_graph=True)
+        again = paddle.grad(value, ts, create_graph=True)
+        (sum((g * g).sum() for g in first) + sum((g * g * g).sum() for g in again)).backward()
+        results.append([t.numpy() for t in (*first, *again)] + [t.grad.numpy() for t in ts])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
 
 CASES = [([5, 8, 30, 30], [0, 2, 3]),    # batch norm, NCHW: ones on both sides of the kept axis
          ([5, 30, 30, 8], [0, 1, 2]),    # batch norm, NHWC: ones on the left only
