@@ -66,6 +66,8 @@ CASES: dict[str, tuple[str, Callable, list[np.ndarray]]] = {
     "ce_none": ("cross_entropy_with_softmax", _ce(reduction="none"), [_r(4, 3), _LAB]),
     "ce_weight": ("cross_entropy_with_softmax", lambda x, w, l: _ce()(x, l, w), [_r(4, 3), _prob(3), _LAB]),
     "ce_ignore": ("cross_entropy_with_softmax", _ce(ignore_index=1), [_r(4, 3), _LAB]),
+    "ce_ignore_default": ("cross_entropy_with_softmax", _ce(), [_r(4, 3), np.array([0, -100, 1, 2])]),
+    "nll_ignore_default": ("nll_loss", lambda x, l: F.nll_loss(x, l) ** 3, [_r(4, 3), np.array([2, -100, 1, 0])]),
     "ce_weight_ignore_none": ("cross_entropy_with_softmax", lambda x, w, l: _ce(ignore_index=2, reduction="none")(
         x, l, w), [_r(4, 3), _prob(3), _LAB]),
     "ce_smoothing": ("cross_entropy_with_softmax", _ce(label_smoothing=0.1), [_r(4, 3), _LAB]),
@@ -260,3 +262,19 @@ def test_grad_with_respect_to_a_subset_of_inputs(case: str) -> None:
             (hi,) = paddle.grad((gi * gi).sum(), [ts[i]])
             np.testing.assert_allclose(gi.numpy(), full[i].numpy(), rtol=1e-12, atol=1e-12)
             assert np.abs(hi.numpy()).max() > 0
+
+
+@pytest.mark.parametrize("case,aranges", [("ce_mean", 0), ("ce_ignore_default", 0), ("nll_ignore_default", 0),
+                                          ("ce_axis1", 1)])
+def test_hard_label_targets_along_the_last_axis_are_one_kernel(case: str, aranges: int, monkeypatch) -> None:
+    """The one-hot targets of hard labels along the last axis come from Paddle's ``one_hot`` kernel: the
+    ``arange`` of class ids and the comparison with it took 60 of a small cross entropy's 107 us in the scope.
+    Other axes keep the comparison."""
+    made = []
+    arange = paddle.arange
+    monkeypatch.setattr(paddle, "arange", lambda *a, **k: made.append(1) or arange(*a, **k))
+    f, arrays = CASES[case][1], CASES[case][2]
+    with exact_ops():
+        value = f(*_tensors(arrays))
+    assert len(made) == aranges
+    assert np.isfinite(float(value))
