@@ -144,18 +144,18 @@ def conv_weight_grad(x: paddle.Tensor, gy: paddle.Tensor, kernel: Sequence[int],
     stride, pads, dilation = list(geo.stride), list(geo.pads), list(geo.dilation)
     fmt = _cf_format(geo.nd)
 
-    def stock():
-        zero = paddle.zeros(w_shape, dtype=x.dtype)
+    def stock(a, b):
+        zero = paddle.zeros(w_shape, dtype=a.dtype)
         if geo.nd == 2:
-            grads = original("conv2d_grad")(x, zero, gy, stride, pads, "EXPLICIT", dilation, geo.groups, fmt)
+            grads = original("conv2d_grad")(a, zero, b, stride, pads, "EXPLICIT", dilation, geo.groups, fmt)
         else:
-            grads = original("conv3d_grad")(x, zero, gy, stride, pads, "EXPLICIT", geo.groups, dilation, fmt)
+            grads = original("conv3d_grad")(a, zero, b, stride, pads, "EXPLICIT", geo.groups, dilation, fmt)
         return grads[1]
 
     def run():
         if geo.nd == 2 and kernels.conv2d_supported(x, gy, dilation, geo.groups, False, _macs(gy.shape, w_shape)):
             return kernels.conv2d_backward_weights(x, gy, w_shape, stride, pads, stock)
-        return stock()
+        return stock(x, gy)
 
     sizes = list(x.shape[2:])
     return apply_rule([x, gy], run, [lambda g: conv_transpose_cf(gy, g, geo, sizes), lambda g: conv_cf(x, g, geo)])
@@ -258,7 +258,7 @@ def _fast_conv2d(stock: Callable, geo: ConvGeometry, last: bool) -> Callable:
         if not kernels.conv2d_supported(x, w, geo.dilation, geo.groups, last,
                                         _macs([x.shape[0], w.shape[0]] + sizes, w.shape)):
             return stock(x, w)
-        return kernels.conv2d(x, w, list(geo.stride), list(geo.pads), lambda: stock(x, w))
+        return kernels.conv2d(x, w, list(geo.stride), list(geo.pads), stock)
 
     return run
 
@@ -278,7 +278,7 @@ def _fast_conv2d_transpose(stock: Callable, geo: ConvGeometry, last: bool, outpu
                                                           _macs(x.shape, [w.shape[0], w.shape[1]] + list(w.shape[2:]))):
             return stock(x, w)
         x_shape = [x.shape[0], w.shape[1]] + sizes
-        return kernels.conv2d_backward_data(x, w, x_shape, list(geo.stride), list(geo.pads), lambda: stock(x, w))
+        return kernels.conv2d_backward_data(x, w, x_shape, list(geo.stride), list(geo.pads), stock)
 
     return run
 
