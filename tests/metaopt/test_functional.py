@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -50,6 +52,27 @@ def test_buffers_and_running_statistics_are_copied():
     assert clone[1]._mean is not model[1]._mean and clone[1].counter is not model[1].counter
     assert not np.allclose(clone[1]._mean.numpy(), mean_before)
     np.testing.assert_array_equal(model[1]._mean.numpy(), mean_before)
+
+
+def test_frozen_parameters_are_copied_as_deepcopy_copies_them():
+    """Frozen parameters (running statistics, weights with ``stop_gradient=True``) are copied the way Paddle's own
+    ``EagerParamBase.__deepcopy__`` copies them (a parameter of the same attributes under a fresh name, holding a
+    copy of the values), without its generic deep copy of the attributes (half the time)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1D(4))
+    model[0].weight.stop_gradient = True
+    model[0].weight.optimize_attr = {"learning_rate": 0.5}
+    model[0].weight.need_clip = False
+    clone = clone_model(model)
+    for original, copied in [(model[0].weight, clone[0].weight), (model[1]._mean, clone[1]._mean),
+                             (model[1]._variance, clone[1]._variance)]:
+        reference = copy.deepcopy(original)
+        assert type(copied) is type(reference) is type(original)
+        assert copied.name != original.name and copied.name.startswith(original.name + "_deepcopy")
+        assert copied.stop_gradient and copied.shape == original.shape and copied.dtype == original.dtype
+        assert {k: v for k, v in vars(copied).items()} == {k: v for k, v in vars(reference).items()}
+        assert copied.optimize_attr is not original.optimize_attr
+        np.testing.assert_array_equal(copied.numpy(), original.numpy())
+        assert copied.data_ptr() != original.data_ptr()
 
 
 def test_share_stats_shares_running_statistics():
