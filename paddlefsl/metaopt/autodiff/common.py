@@ -28,8 +28,9 @@ from paddlefsl.metaopt.autodiff.released import GuardedPyLayer
 Tensor = paddle.Tensor
 _full = original("full")
 
-__all__ = ["apply_rule", "one_backward_pass", "pointwise", "ints", "lean_shape", "channel_last", "to_channel_first",
-           "to_channel_last", "reduce_sum", "MATMUL_SUM_MIN_NUMEL"]
+__all__ = ["AFFINE_MIN_NUMEL", "affine_applies", "affine_kernel", "apply_rule", "channel_affine", "one_backward_pass",
+           "pointwise", "ints", "lean_shape", "channel_last", "to_channel_first", "to_channel_last", "reduce_sum",
+           "MATMUL_SUM_MIN_NUMEL"]
 
 MATMUL_SUM_MIN_NUMEL = 1 << 16
 """Smallest tensor `reduce_sum` sums with a matrix product (below it Paddle's reduce kernel is as fast)."""
@@ -170,6 +171,61 @@ def apply_rule(inputs: Sequence[Tensor | None], run: Callable[[], Any],
     kept = _Kept()
     tokens = [_Token.apply(inputs[i], grads[i], kept) for i in needed]
     return _Join.apply(run, kept, *tokens)
+
+
+AFFINE_MIN_NUMEL = 1 << 16
+"""Smallest ``[N, C, H, W]`` tensor `channel_affine` sends to the fused kernel (below it the plain products)."""
+
+
+def affine_applies(x: Tensor) -> bool:
+    """Whether `affine_kernel` takes ``x``: a float32 or float64 ``[N, C, H, W]`` tensor of at least
+    `AFFINE_MIN_NUMEL` elements."""
+    return x.ndim == 4 and math.prod(x.shape) >= AFFINE_MIN_NUMEL and x.dtype in (paddle.float32, paddle.float64)
+
+
+def affine_kernel(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tensor:
+    """``x * scale + shift`` per channel of ``[N, C, H, W]`` ``x`` in one pass, without a graph: Paddle's
+    inference-mode ``batch_norm`` kernel with mean 0, variance 1 and epsilon 0 (its scale and shift are then the
+    whole transform). Use it where `affine_applies` holds."""
+    c = int(x.shape[1])
+    zero = _full([c], 0.0, x.dtype, x.place)
+    one = _full([c], 1.0, x.dtype, x.place)
+    scale = one if scale is None else scale.reshape([c])
+    shift = zero if shift is None else shift.reshape([c])
+    return original("batch_norm")(x, zero, one, scale, shift, True, 0.9, 0.0, "NCHW", True, False)[0]
+
+
+def channel_affine(x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """``x * scale + shift`` with one ``scale`` and one ``shift`` value per channel of a channel-first ``x``
+    (``[N, C, H, W]``; ``scale`` and ``shift`` of ``C`` elements shaped ``[C, 1, 1]``; ``None`` means 1 and 0),
+    exact at every order.
+
+    Paddle's CPU kernels broadcast ``[C, 1, 1]`` operands two to three times slower than they multiply tensors of
+    the same shape (``[5, 32, 84, 84]`` float32, 2 threads: ``x * s`` 1.09 ms, ``x * s + b`` 2.07 ms, ``x * y``
+    0.36 ms). Large float tensors therefore take the whole transform in one pass of Paddle's inference-mode
+    batch-norm kernel (0.46 ms), in a rule whose gradients are again `channel_affine` (``g * scale`` for ``x``)
+    and per-channel sums (`reduce_sum`) for ``scale`` and ``shift``. Other tensors use the plain products.
+
+    Args:
+        x: the input, ``[N, C, H, W]``.
+        scale: per-channel factors, or ``None``.
+        shift: per-channel offsets, or ``None``.
+
+    Returns:
+        ``x * scale + shift``.
+    """
+    if scale is None and shift is None:
+        return x
+    if not affine_applies(x) or any(t is not None and t.dtype != x.dtype for t in (scale, shift)):
+        out = x if scale is None else x * scale
+        return out if shift is None else out + shift
+    axes = [0, 2, 3]
+    # x last: Paddle runs the tokens in input order, and x's gradient (the output gradient itself when there is no
+    # scale) then needs no copy (`apply_rule`).
+    return apply_rule([scale, shift, x], lambda: affine_kernel(x, scale, shift),
+                      [lambda g: reduce_sum(g * x, axes).reshape(scale.shape),
+                       lambda g: reduce_sum(g, axes).reshape(shift.shape),
+                       lambda g: channel_affine(g, scale)])
 
 
 class _Pointwise(GuardedPyLayer):

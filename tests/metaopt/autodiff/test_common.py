@@ -258,3 +258,46 @@ def test_large_adjacent_reductions_are_matrix_products(monkeypatch):
     seen.clear()
     common.reduce_sum(paddle.randn([2, 3, 4, 5], dtype="float64"), [0, 2, 3])   # small: Paddle's sum
     assert seen == []
+
+
+def _affine_inputs(needs: str, shape=(3, 4, 5, 6)):
+    rng = np.random.default_rng(11)
+    c = shape[1]
+    return [paddle.to_tensor(rng.standard_normal(s), stop_gradient=name not in needs)
+            for name, s in zip("xab", [shape, [c, 1, 1], [c, 1, 1]])]
+
+
+@pytest.mark.parametrize("needs", ["xab", "x", "ab", "xa", "b"])
+@pytest.mark.parametrize("with_shift", [True, False])
+def test_channel_affine_equals_the_products_to_third_order(needs, with_shift, monkeypatch):
+    """`channel_affine` (one pass of the inference batch-norm kernel, above `AFFINE_MIN_NUMEL`) gives the values and
+    the first, second and third derivatives of ``x * a + b`` in float64, for every subset of inputs asked for."""
+    monkeypatch.setattr(common, "AFFINE_MIN_NUMEL", 1)
+    results = []
+    for fused in (True, False):
+        x, a, b = _affine_inputs(needs)
+        shift = b if with_shift else None
+        y = common.channel_affine(x, a, shift) if fused else (x * a + b if with_shift else x * a)
+        wrt = [t for t, n in zip((x, a, b), "xab") if n in needs and (with_shift or n != "b")]
+        if fused and wrt:
+            assert y.grad_fn.name() in ("GradNodePyLayer__Join", "GradNodePyLayer__Slot")
+        value = (y * y * x).sum() + (y * a).sum()
+        if not wrt:   # nothing to differentiate: the values alone
+            results.append([y.numpy()])
+            continue
+        first = paddle.grad(value, wrt, create_graph=True, allow_unused=True)
+        second = paddle.grad(sum((g * g).sum() for g in first if g is not None), wrt, create_graph=True,
+                             allow_unused=True)
+        third = paddle.grad(sum((g * g * g).sum() for g in second if g is not None), wrt, allow_unused=True)
+        results.append([y.numpy()] + [t.numpy() for t in (*first, *second, *third) if t is not None])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_channel_affine_is_one_kernel_above_its_threshold_and_plain_below(monkeypatch):
+    x, a, b = _affine_inputs("xab", shape=(2, 4, 8, 8))
+    monkeypatch.setattr(common, "AFFINE_MIN_NUMEL", x.size + 1)
+    assert common.channel_affine(x, a, b).grad_fn.name() != "GradNodePyLayer__Join"
+    monkeypatch.setattr(common, "AFFINE_MIN_NUMEL", x.size)
+    assert common.channel_affine(x, a, b).grad_fn.name() == "GradNodePyLayer__Join"
+    np.testing.assert_allclose(common.channel_affine(x, a, b).numpy(), (x * a + b).numpy(), rtol=1e-13, atol=1e-13)

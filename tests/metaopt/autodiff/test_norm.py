@@ -380,3 +380,27 @@ def test_float32_conv_bn_relu_pool_block_gives_the_float64_derivatives(fast, mon
     for g, w in zip(got, want):
         scale = float(np.abs(w).max())
         np.testing.assert_allclose(g, w, rtol=0, atol=5e-4 * scale)
+
+
+_AFFINE_CASES = ["bn2d_train", "bn2d_train_noaffine", "bn2d_train_frozen_affine", "bn2d_eval_batch_stats",
+                 "bn2d_train_global_stats", "in_2d"]
+
+
+@pytest.mark.parametrize("case", _AFFINE_CASES)
+def test_batch_norm_through_the_fused_channel_affine_is_exact(case: str, monkeypatch) -> None:
+    """Large batch-norm inputs subtract and apply their per-channel statistics with `channel_affine` (one pass of
+    the inference batch-norm kernel) in the recorded backward: with its threshold at 1 every case takes it, and
+    second order (finite differences) and third order still hold; the rule really runs."""
+    from paddlefsl.metaopt.autodiff import common
+    calls = []
+    kernel = common.affine_kernel
+    monkeypatch.setattr(common, "AFFINE_MIN_NUMEL", 1)
+    monkeypatch.setattr(common, "affine_kernel", lambda *a: calls.append(1) or kernel(*a))
+    f, arrays = CASES[case][1], CASES[case][2]
+    test_second_order_matches_finite_differences(case)
+    rng = np.random.default_rng(5)
+    vs = [rng.standard_normal(a.shape) for a in arrays]
+    us = [rng.standard_normal(a.shape) for a in arrays]
+    check_grad_in_scope(hvp_quantity(f, len(arrays), vs, us), arrays, rtol=1e-5, atol=1e-7)
+    # Running statistics (constants) and instance norm's per-sample axes keep the plain products.
+    assert bool(calls) == (case not in ("bn2d_train_global_stats", "in_2d"))
