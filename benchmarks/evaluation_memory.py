@@ -7,7 +7,6 @@ freed when the task is dropped: the figures stay flat after the first task.
 """
 import argparse
 import gc
-import importlib.util
 import os
 import sys
 
@@ -18,6 +17,7 @@ from paddle import nn
 from paddlefsl.metaopt import MAML
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dir import load_workloads  # noqa: E402
 from peer_model import conv4, random_tasks  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,13 +25,10 @@ parser.add_argument("--workload", choices=("W1", "W2"), default="W2")
 parser.add_argument("--tasks", type=int, default=10)
 parser.add_argument("--bench-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
 args = parser.parse_args()
-path = os.path.join(args.bench_dir, "workload.py")
-if not os.path.exists(path):
-    parser.error(f"no workload.py in --bench-dir {args.bench_dir}")
-spec = importlib.util.spec_from_file_location("workload", path)
-workload = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(workload)
-W = workload.WORKLOADS[args.workload]
+try:
+    W = load_workloads(args.bench_dir)[args.workload]
+except FileNotFoundError as error:
+    parser.error(str(error))
 
 
 def rss_mib() -> int:

@@ -18,7 +18,6 @@ read). Only ratios taken in one run mean something on a shared machine.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -45,13 +44,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def load_workloads(bench_dir: str) -> dict:
     """The shared workload table plus ``W2x10`` (W2 with 10 inner steps)."""
-    path = os.path.join(bench_dir, "workload.py")
-    if not os.path.exists(path):
-        raise SystemExit(f"no workload.py in --bench-dir {bench_dir}")
-    spec = importlib.util.spec_from_file_location("workload", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    table = dict(module.WORKLOADS)
+    sys.path.insert(0, _HERE)
+    from bench_dir import load_workloads as shared_workloads
+    try:
+        table = dict(shared_workloads(bench_dir))
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     table["W2x10"] = dict(table["W2"], steps=10)
     return table
 

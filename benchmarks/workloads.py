@@ -8,7 +8,6 @@ PyTorch peer scripts read), so the figures compare side by side with ``peer_torc
 the same machine at the same time (set OMP_NUM_THREADS equally for all).
 """
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -21,6 +20,7 @@ from paddle import nn
 from paddlefsl.metaopt import MAML
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dir import load_workloads  # noqa: E402
 from peer_model import conv4, random_tasks  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,13 +30,10 @@ parser.add_argument("--iterations", type=int, default=5, help="timed meta-iterat
 parser.add_argument("--bench-dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
 parser.add_argument("--profile", action="store_true", help="print the top cProfile entries of one iteration")
 args = parser.parse_args()
-path = os.path.join(args.bench_dir, "workload.py")
-if not os.path.exists(path):
-    parser.error(f"no workload.py in --bench-dir {args.bench_dir}")
-spec = importlib.util.spec_from_file_location("workload", path)
-workload = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(workload)
-W = workload.WORKLOADS[args.workload]
+try:
+    W = load_workloads(args.bench_dir)[args.workload]
+except FileNotFoundError as error:
+    parser.error(str(error))
 
 paddle.seed(0)
 model = nn.Sequential(*conv4(W))
