@@ -151,7 +151,9 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
                            rest: list, axes: list[int], bshape: Sequence[int], eps: float, attrs: tuple) -> Any:
     """Batch norm with batch statistics: the statistics and the parameters share their reduced axes, so
     ``dx = a * g - a * sum(g) / m - x_hat * a * sum(g * x_hat) / m`` with ``a = w * s`` per channel (seven
-    full-size kernels, eight before the regrouping).
+    full-size kernels, eight before the regrouping; for per-channel statistics of a 4-D input the per-channel
+    products and differences are `channel_affine` passes: ``dx = affine(g, a, -a * sum(g) / m) -
+    affine(x_hat, a * sum(g * x_hat) / m)``).
 
     A backward pass that records no graph (its values are not differentiated again) takes ``dx`` and ``dw``
     from Paddle's fused ``batch_norm_grad`` kernel: one kernel, about five times faster than the composite, run
