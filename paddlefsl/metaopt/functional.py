@@ -146,7 +146,6 @@ def _copy_parameter(param: EagerParamBase, memo: dict[int, object]) -> EagerPara
     state = _tree_copy(param.__dict__, memo)
     state["name"] = param.name + unique_name.generate("_deepcopy")
     copied = EagerParamBase(param.shape, param.dtype, **state)
-    memo[id(param)] = copied
     copied.copy_(param, True)
     copied._init_func = param._init_func
     copied._init_op_creator = param._init_op_creator

@@ -195,6 +195,12 @@ def affine_kernel(x: Tensor, scale: Tensor | None, shift: Tensor | None) -> Tens
     return original("batch_norm")(x, zero, one, scale, shift, True, 0.9, 0.0, "NCHW", True, False)[0]
 
 
+def _per_channel_of(t: Tensor, x: Tensor) -> bool:
+    """Whether ``t`` holds one value per channel of ``[N, C, H, W]`` ``x``, shaped to broadcast along axis 1."""
+    c = int(x.shape[1])
+    return t.dtype == x.dtype and [int(d) for d in t.shape] in ([c, 1, 1], [1, c, 1, 1])
+
+
 def channel_affine(x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
     """``x * scale + shift`` with one ``scale`` and one ``shift`` value per channel of a channel-first ``x``
     (``[N, C, H, W]``; ``scale`` and ``shift`` of ``C`` elements shaped ``[C, 1, 1]``; ``None`` means 1 and 0),
@@ -202,9 +208,11 @@ def channel_affine(x: Tensor, scale: Tensor | None = None, shift: Tensor | None 
 
     Paddle's CPU kernels broadcast ``[C, 1, 1]`` operands two to three times slower than they multiply tensors of
     the same shape (``[5, 32, 84, 84]`` float32, 2 threads: ``x * s`` 1.09 ms, ``x * s + b`` 2.07 ms, ``x * y``
-    0.36 ms). Large float tensors therefore take the whole transform in one pass of Paddle's inference-mode
-    batch-norm kernel (0.46 ms), in a rule whose gradients are again `channel_affine` (``g * scale`` for ``x``)
-    and per-channel sums (`reduce_sum`) for ``scale`` and ``shift``. Other tensors use the plain products.
+    0.36 ms). Large float tensors (`affine_applies`) with per-channel operands therefore take the whole transform
+    in one pass of Paddle's inference-mode batch-norm kernel (0.46 ms), in a rule whose gradients are again
+    `channel_affine` (``g * scale`` for ``x``) and per-channel sums (`reduce_sum`) for ``scale`` and ``shift``.
+    Anything else (smaller tensors, other layouts, operands that broadcast otherwise, such as per-sample
+    statistics ``[N, C, 1, 1]``) is the plain ``x * scale + shift``, broadcast as Paddle broadcasts it.
 
     Args:
         x: the input, ``[N, C, H, W]``.
@@ -216,7 +224,7 @@ def channel_affine(x: Tensor, scale: Tensor | None = None, shift: Tensor | None 
     """
     if scale is None and shift is None:
         return x
-    if not affine_applies(x) or any(t is not None and t.dtype != x.dtype for t in (scale, shift)):
+    if not affine_applies(x) or not all(t is None or _per_channel_of(t, x) for t in (scale, shift)):
         out = x if scale is None else x * scale
         return out if shift is None else out + shift
     axes = [0, 2, 3]

@@ -38,21 +38,12 @@ def _stat(t: Tensor, axes: list[int]) -> Tensor:
 def _standardize(x: Tensor, axes: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
     """Return ``(x_hat, s)``: ``x`` standardized over ``axes`` with biased variance, and the inverse std.
 
-    Per-channel statistics of an ``[N, C, H, W]`` tensor (batch norm) are subtracted and applied with
-    `channel_affine` (one fused pass each on large tensors instead of Paddle's slow broadcast)."""
+    The statistics are subtracted and applied with `channel_affine`: one fused pass each where they are per channel
+    of a large ``[N, C, H, W]`` tensor (batch norm), the plain broadcast otherwise."""
     axes = list(axes)
-    if _per_channel(x, axes):
-        xc = channel_affine(x, None, -_stat(x, axes))
-        inv_std = paddle.rsqrt(_stat(xc * xc, axes) + eps)
-        return channel_affine(xc, inv_std), inv_std
-    xc = x - _stat(x, axes)
+    xc = channel_affine(x, None, -_stat(x, axes))
     inv_std = paddle.rsqrt(_stat(xc * xc, axes) + eps)
-    return xc * inv_std, inv_std
-
-
-def _per_channel(x: Tensor, axes: Sequence[int]) -> bool:
-    """True when ``axes`` reduce a 4-D tensor to its channels (axis 1), the layout `channel_affine` takes."""
-    return len(x.shape) == 4 and list(axes) == [0, 2, 3]
+    return channel_affine(xc, inv_std), inv_std
 
 
 def _standardize_grad(h: Tensor, x_hat: Tensor, inv_std: Tensor, axes: Sequence[int]) -> Tensor:
@@ -151,9 +142,8 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
                            rest: list, axes: list[int], bshape: Sequence[int], eps: float, attrs: tuple) -> Any:
     """Batch norm with batch statistics: the statistics and the parameters share their reduced axes, so
     ``dx = a * g - a * sum(g) / m - x_hat * a * sum(g * x_hat) / m`` with ``a = w * s`` per channel (seven
-    full-size kernels, eight before the regrouping; for per-channel statistics of a 4-D input the per-channel
-    products and differences are `channel_affine` passes: ``dx = affine(g, a, -a * sum(g) / m) -
-    affine(x_hat, a * sum(g * x_hat) / m)``).
+    full-size kernels, eight before the regrouping), written ``dx = channel_affine(g, a, -a * sum(g) / m) -
+    channel_affine(x_hat, a * sum(g * x_hat) / m)`` (fused passes for a large 4-D input).
 
     A backward pass that records no graph (its values are not differentiated again) takes ``dx`` and ``dw``
     from Paddle's fused ``batch_norm_grad`` kernel: one kernel, about five times faster than the composite, run
@@ -197,10 +187,8 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
         sum_g = reduce_sum(g, axes).reshape(lean)
         sum_gx = reduce_sum(g * x_hat, axes).reshape(lean)
         a = inv_std * weight.reshape(lean) if weight is not None else inv_std
-        if _per_channel(x, axes):
-            return (channel_affine(g, a, (a * sum_g) * (-1.0 / count))
-                    - channel_affine(x_hat, (a * sum_gx) * (1.0 / count)))
-        return a * g - (a * sum_g) * (1.0 / count) - x_hat * ((a * sum_gx) * (1.0 / count))
+        return (channel_affine(g, a, (a * sum_g) * (-1.0 / count))
+                - channel_affine(x_hat, (a * sum_gx) * (1.0 / count)))
 
     def grad_w(g):
         if unrecorded():

@@ -301,3 +301,25 @@ def test_channel_affine_is_one_kernel_above_its_threshold_and_plain_below(monkey
     monkeypatch.setattr(common, "AFFINE_MIN_NUMEL", x.size)
     assert common.channel_affine(x, a, b).grad_fn.name() == "GradNodePyLayer__Join"
     np.testing.assert_allclose(common.channel_affine(x, a, b).numpy(), (x * a + b).numpy(), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [[3, 4, 1, 1], [6], [1, 1, 6], [4, 1, 6]])
+def test_channel_affine_broadcasts_other_operands_as_paddle_does(shape, monkeypatch):
+    """Only operands of one value per channel (``[C, 1, 1]`` or ``[1, C, 1, 1]``) take the fused kernel; others
+    (per-sample statistics, a last-axis vector) are the plain broadcast, values and gradients alike."""
+    monkeypatch.setattr(common, "AFFINE_MIN_NUMEL", 1)
+    calls = []
+    kernel = common.affine_kernel
+    monkeypatch.setattr(common, "affine_kernel", lambda *a: calls.append(1) or kernel(*a))
+    rng = np.random.default_rng(2)
+    x = paddle.to_tensor(rng.standard_normal([3, 4, 5, 6]), stop_gradient=False)
+    s = paddle.to_tensor(rng.standard_normal(shape), stop_gradient=False)
+    y = common.channel_affine(x, s, s)
+    np.testing.assert_array_equal(y.numpy(), (x * s + s).numpy())
+    gx, gs = paddle.grad((y * y).sum(), [x, s])
+    rx, rs = paddle.grad(((x * s + s) ** 2).sum(), [x, s])
+    np.testing.assert_allclose(gx.numpy(), rx.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(gs.numpy(), rs.numpy(), rtol=1e-12)
+    assert calls == []
+    common.channel_affine(x, s.reshape([-1])[:4].reshape([4, 1, 1]), None)
+    assert calls == [1]
