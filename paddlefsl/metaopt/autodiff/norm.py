@@ -3,7 +3,9 @@
 Each rule runs Paddle's own kernel in forward (so values, and the in-place update of batch norm's running
 statistics, are exactly stock) and writes the backward with differentiable public Paddle ops. The backward
 recomputes the normalized input from the live input, so every quantity it uses depends differentiably on the
-inputs and the rule is exact at every order.
+inputs and the rule is exact at every order. Training-mode batch norm with an affine transform instead takes its
+gradients from Paddle's fused kernel in every pass, recorded ones included, through rules whose own derivatives
+are written in that kernel and differentiable ops (`_SavedStatistics`).
 
 With ``x_hat = (x - mean_R(x)) * s``, ``s = 1 / sqrt(var_R(x) + eps)`` (biased variance over the reduced axes
 ``R``) and ``y = w * x_hat + b``, the gradients for an upstream gradient ``g`` are::
@@ -18,12 +20,15 @@ Inputs are differentiated one PyLayer each (`apply_rule()`).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable, Sequence
 
 import paddle
 
 from paddlefsl.metaopt.autodiff.registry import exact, original
 from paddlefsl.metaopt.autodiff.common import apply_rule, channel_affine, lean_shape, reduce_sum
+
+_full = original("full")
 
 Tensor = paddle.Tensor
 
@@ -141,13 +146,15 @@ def batch_norm(x, mean, variance, scale, bias, is_test, momentum, epsilon, data_
 def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None, run: Callable[[], Any],
                            rest: list, axes: list[int], bshape: Sequence[int], eps: float, attrs: tuple) -> Any:
     """Batch norm with batch statistics: the statistics and the parameters share their reduced axes, so
-    ``dx = a * g - a * sum(g) / m - x_hat * a * sum(g * x_hat) / m`` with ``a = w * s`` per channel (seven
-    full-size kernels, eight before the regrouping), written ``dx = channel_affine(g, a, -a * sum(g) / m) -
-    channel_affine(x_hat, a * sum(g * x_hat) / m)`` (fused passes for a large 4-D input).
+    ``dx = w * P(g)`` and ``dw = sum(g * x_hat)`` with the projection ``P(g) = s * (g - mean(g) - x_hat *
+    mean(g * x_hat))`` per channel.
 
-    A backward pass that records no graph (its values are not differentiated again) takes ``dx`` and ``dw``
-    from Paddle's fused ``batch_norm_grad`` kernel: one kernel, about five times faster than the composite, run
-    once for both.
+    With an affine transform in training mode both come from Paddle's fused ``batch_norm_grad`` kernel (one call,
+    with the statistics the forward saved) in every backward pass: one that records no graph takes them as they
+    are; one that records a graph (an inner step of second-order MAML) takes them through `_SavedStatistics`,
+    whose rules have derivatives written again in that kernel and differentiable ops, so every order stays exact.
+    Otherwise (no affine transform, ``is_test``) the composite ``dx = channel_affine(g, a, -a * sum(g) / m) -
+    channel_affine(x_hat, a * sum(g * x_hat) / m)`` with ``a = w * s``, recomputing the statistics from ``x``.
     """
     lean = lean_shape(bshape)
     count = math.prod(int(x.shape[a]) for a in axes)
@@ -155,6 +162,7 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
     # Stock batch_norm_grad is right for training-mode batch statistics only (with is_test=True it treats the
     # batch statistics as constants: wrong).
     fused_ok = weight is not None and bias is not None and not bool(attrs[3])
+    saved = _SavedStatistics(x, rest, attrs, axes, lean, count) if fused_ok else None
 
     def stats():
         key = ("stats", paddle.is_grad_enabled())
@@ -177,12 +185,14 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
             cache["fused"] = (g, result)
         return result
 
-    def unrecorded() -> bool:
-        return not paddle.is_grad_enabled() and fused_ok and len(rest) == 5
+    def fast() -> bool:
+        return fused_ok and len(rest) == 5
 
     def grad_x(g):
-        if unrecorded():
-            return fused(g)[0]
+        if fast():
+            if not paddle.is_grad_enabled():
+                return fused(g)[0]
+            return channel_affine(saved.project(g), weight.reshape(lean))
         x_hat, inv_std = stats()
         sum_g = reduce_sum(g, axes).reshape(lean)
         sum_gx = reduce_sum(g * x_hat, axes).reshape(lean)
@@ -191,8 +201,10 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
                 - channel_affine(x_hat, (a * sum_gx) * (1.0 / count)))
 
     def grad_w(g):
-        if unrecorded():
-            return fused(g)[1]
+        if fast():
+            if not paddle.is_grad_enabled():
+                return fused(g)[1]
+            return saved.dot(g).reshape(weight.shape)
         x_hat, _ = stats()
         return reduce_sum(g * x_hat, axes).reshape(weight.shape)
 
@@ -200,6 +212,120 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
         return reduce_sum(g, axes).reshape(bias.shape)
 
     return apply_rule([x, weight, bias], run, [grad_x, grad_w, grad_b])
+
+
+class _SavedStatistics:
+    """Training-mode batch norm's input ``x`` with the statistics its forward saved (mean and ``s = 1 / std`` per
+    channel), as exact rules whose values come from those statistics and Paddle's fused ``batch_norm_grad`` kernel
+    (run with unit scale), for a backward pass that records a graph.
+
+    With ``M`` positions per channel, per-channel sums ``<a, b>`` and ``c = <g, x_hat> / M``:
+
+    - ``project(g) = P(g) = s * (g - mean(g) - x_hat * c)`` (the input gradient at unit scale). ``P`` is symmetric
+      in ``g``, so the derivative in ``g`` for a cotangent ``u`` is ``P(u)``; in ``x`` it is
+      ``-(s / M) * (<u, P(g)> * x_hat + <u, x_hat> * P(g) + <g, x_hat> * P(u))``.
+    - ``dot(g) = <g, x_hat>``: derivative ``v * x_hat`` in ``g`` and ``v * P(g)`` in ``x``.
+    - ``x_hat()``: derivative ``P(u)``; ``inv_std()``: derivative ``-(s^2 / M) * v * x_hat``.
+
+    A backward that records no graph evaluates these derivatives with constants (the saved statistics and the
+    kernel's outputs); one that records a graph (third order) builds them from the rules again. Only values
+    without a graph are kept here (a kept tensor with a graph could lead back to the rules that keep it: a cycle
+    through Paddle's nodes that is never freed), and output gradients are only referred to weakly.
+    """
+
+    def __init__(self, x: Tensor, rest: list, attrs: tuple, axes: list[int], lean: list[int], count: int) -> None:
+        self.x, self.rest, self.attrs, self.axes, self.lean, self.count = x, rest, attrs, axes, lean, count
+        self._last: tuple | None = None     # (weakref to g, P(g), <g, x_hat>) of the latest kernel call
+        self._constants: dict[str, Tensor] = {}
+
+    def _kernel(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(P(g), <g, x_hat>)`` as values without a graph; consecutive requests for one ``g`` share one call."""
+        if self._last is not None and self._last[0]() is g:
+            return self._last[1], self._last[2]
+        c = math.prod(self.lean)
+        one = _full([c], 1.0, self.x.dtype, self.x.place)
+        zero = _full([c], 0.0, self.x.dtype, self.x.place)
+        with paddle.no_grad():
+            p, g_x, _ = original("batch_norm_grad")(self.x.detach(), one, zero, *self._saved(), g.detach(),
+                                                    *self.attrs)
+        self._last = (weakref.ref(g), p, g_x.reshape(self.lean))
+        return self._last[1], self._last[2]
+
+    def _saved(self) -> list[Tensor]:
+        if "saved" not in self._constants:
+            self._constants["saved"] = [t.detach() for t in self.rest]
+        return self._constants["saved"]
+
+    def _inv_std_value(self) -> Tensor:
+        return self._saved()[3].reshape(self.lean)
+
+    def _x_hat_value(self) -> Tensor:
+        if "x_hat" not in self._constants:
+            s = self._inv_std_value()
+            with paddle.no_grad():
+                self._constants["x_hat"] = channel_affine(self.x.detach(), s, -(self._saved()[2].reshape(self.lean)
+                                                                                  * s))
+        return self._constants["x_hat"]
+
+    def _sum(self, t: Tensor) -> Tensor:
+        return reduce_sum(t, self.axes).reshape(self.lean)
+
+    def project(self, g: Tensor) -> Tensor:
+        """``P(g)``, exact at every order in ``x`` and ``g``."""
+        p_g, g_x = self._kernel(g)
+        p_u = _Shared(self._projected)
+        return apply_rule([self.x, g], p_g.detach,
+                          [lambda u: self._project_grad_x(g, p_g, g_x, u, p_u(u)), p_u])
+
+    def _projected(self, u: Tensor) -> Tensor:
+        return self.project(u) if paddle.is_grad_enabled() else self._kernel(u)[0]
+
+    def _project_grad_x(self, g: Tensor, p_g: Tensor, g_x: Tensor, u: Tensor, p_u: Tensor) -> Tensor:
+        if paddle.is_grad_enabled():
+            x_hat, s, p_g, g_x = self.x_hat(), self.inv_std(), self.project(g), self.dot(g)
+        else:
+            x_hat, s = self._x_hat_value(), self._inv_std_value()
+        k = s * (-1.0 / self.count)
+        return (channel_affine(x_hat, k * self._sum(u * p_g)) + channel_affine(p_g, k * self._sum(u * x_hat))
+                + channel_affine(p_u, k * g_x))
+
+    def dot(self, g: Tensor) -> Tensor:
+        """``<g, x_hat>`` per channel (shaped to broadcast against ``x``), exact at every order."""
+        p_g, g_x = self._kernel(g)
+        return apply_rule([self.x, g], g_x.detach,
+                          [lambda v: channel_affine(self.project(g) if paddle.is_grad_enabled() else p_g, v),
+                           lambda v: channel_affine(self.x_hat() if paddle.is_grad_enabled() else self._x_hat_value(),
+                                                    v)])
+
+    def x_hat(self) -> Tensor:
+        """The standardized input, exact at every order in ``x``."""
+        return apply_rule([self.x], lambda: self._x_hat_value().detach(), [self._projected])
+
+    def inv_std(self) -> Tensor:
+        """``1 / sqrt(var + eps)`` per channel, exact at every order in ``x``."""
+        def grad(v):
+            if paddle.is_grad_enabled():
+                s, x_hat = self.inv_std(), self.x_hat()
+            else:
+                s, x_hat = self._inv_std_value(), self._x_hat_value()
+            return channel_affine(x_hat, s * s * v * (-1.0 / self.count))
+        return apply_rule([self.x], lambda: self._inv_std_value().detach(), [grad])
+
+
+class _Shared:
+    """``fn(u)`` for the output gradient ``u`` of a backward pass that records no graph, computed once and shared by
+    the gradient functions of one rule that need it (`apply_rule` hands them the same tensor). In a pass that
+    records a graph nothing is kept (see `_SavedStatistics`)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.fn, self._last = fn, None
+
+    def __call__(self, u: Tensor) -> Tensor:
+        if paddle.is_grad_enabled():
+            return self.fn(u)
+        if self._last is None or self._last[0]() is not u:
+            self._last = (weakref.ref(u), self.fn(u))
+        return self._last[1]
 
 
 # ----------------------------------------------------------------------------------------------- layer norm

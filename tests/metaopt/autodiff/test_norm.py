@@ -282,7 +282,8 @@ def test_batchnorm_layer_in_scope_matches_stock_and_updates_buffers() -> None:
     assert np.abs(h.numpy()).max() > 0
 
 
-@pytest.mark.parametrize("case", ["bn2d_train", "bn1d_nc_train", "bn2d_eval", "ln_two_axes", "gn_nhwc", "in_2d"])
+@pytest.mark.parametrize("case", ["bn2d_train", "bn1d_nc_train", "bn2d_nhwc_train", "bn1d_ncl_train",
+                                  "bn2d_train_frozen_affine", "bn2d_eval", "ln_two_axes", "gn_nhwc", "in_2d"])
 def test_third_order(case: str) -> None:
     f, arrays = CASES[case][1], CASES[case][2]
     rng = np.random.default_rng(3)
@@ -305,10 +306,10 @@ def test_grad_with_respect_to_a_subset_of_inputs(case: str) -> None:
 
 
 @pytest.mark.parametrize("fmt,shape", [("NCHW", (3, 2, 4, 4)), ("NHWC", (2, 3, 3, 2)), ("NC", (5, 2))])
-def test_batch_norm_gradient_is_the_fused_kernel_when_not_recorded(fmt, shape):
-    """Training-mode batch norm: a backward pass that records no graph takes dx and dw from one call of the stock
-    batch_norm_grad kernel (the input's and the weight's gradient share it); a recorded one builds them in
-    differentiable ops. Both give the same values, and a backward asking for only one of them too."""
+def test_batch_norm_gradient_is_one_fused_kernel_call_recorded_or_not(fmt, shape):
+    """Training-mode batch norm: every backward pass takes dx and dw from one call of the stock batch_norm_grad
+    kernel (the input's and the weight's gradient share it); a recorded one through exact rules around it. Both
+    give the same values, and a backward asking for only one of them too."""
     from tests.opcheck import kernel_calls
     c = shape[1] if fmt != "NHWC" else shape[-1]
     x, w, b, g = _r(*shape), _pos(c), _r(c), _r(*shape)
@@ -321,7 +322,7 @@ def test_batch_norm_gradient_is_the_fused_kernel_when_not_recorded(fmt, shape):
             with kernel_calls() as calls:
                 results[recorded] = paddle.grad((y * paddle.to_tensor(g)).sum(), [xt, wt, bt],
                                                 create_graph=recorded)
-        assert calls.get("batch_norm_grad", 0) == (0 if recorded else 1), calls  # dx and dw from one call
+        assert calls.get("batch_norm_grad", 0) == 1, (recorded, calls)  # dx and dw from one call
     for fused, composite in zip(results[False], results[True]):
         np.testing.assert_allclose(fused.numpy(), composite.numpy(), rtol=1e-9, atol=1e-11)
     for i in range(3):   # one input at a time, twice from one graph: the shared result never goes stale
@@ -404,3 +405,38 @@ def test_batch_norm_through_the_fused_channel_affine_is_exact(case: str, monkeyp
     check_grad_in_scope(hvp_quantity(f, len(arrays), vs, us), arrays, rtol=1e-5, atol=1e-7)
     # Running statistics (constants) and instance norm's per-sample axes keep the plain products.
     assert bool(calls) == (case not in ("bn2d_train_global_stats", "in_2d"))
+
+
+def _live_pylayer_contexts() -> int:
+    """How many PyLayer contexts are alive: each lives exactly as long as its grad node."""
+    import gc
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o).__name__.endswith("_backward")
+               and type(o).__module__.startswith("paddle.autograd"))
+
+
+@pytest.mark.parametrize("case", ["bn2d_train", "bn2d_nhwc_train", "bn1d_nc_train", "bn2d_train_frozen_affine"])
+@pytest.mark.parametrize("orders", [2, 3])
+def test_a_recorded_batch_norm_gradient_dropped_without_backward_is_freed(case: str, orders: int) -> None:
+    """The rules of a recorded batch-norm backward (`_SavedStatistics`) keep values without a graph only: a
+    gradient recorded once (or twice) and dropped without a backward leaves no grad node behind, and one
+    back-propagated frees everything too."""
+    f, arrays = CASES[case][1], CASES[case][2]
+
+    def once(backward: bool) -> float:
+        with exact_ops():
+            ts = _tensors(arrays)
+            grads = paddle.grad(f(*ts), ts, create_graph=True)
+            q = sum((g * g).sum() for g in grads)
+            if orders == 3:
+                grads = paddle.grad(q, ts, create_graph=True)
+                q = sum((g * g).sum() for g in grads)
+            if backward:
+                paddle.grad(q, ts)
+            return float(q)
+
+    once(True)
+    before = _live_pylayer_contexts()
+    values = [once(False), once(True), once(False)]
+    assert _live_pylayer_contexts() == before
+    assert np.isfinite(values).all() and values[0] == values[1] > 0
