@@ -162,7 +162,7 @@ def _batch_statistics_rule(x: Tensor, weight: Tensor | None, bias: Tensor | None
     # Stock batch_norm_grad is right for training-mode batch statistics only (with is_test=True it treats the
     # batch statistics as constants: wrong).
     fused_ok = weight is not None and bias is not None and not bool(attrs[3])
-    saved = _SavedStatistics(x, rest, attrs, axes, lean, count) if fused_ok else None
+    saved = _SavedStatistics(x, weight.dtype, rest, attrs, axes, lean, count) if fused_ok else None
 
     def stats():
         key = ("stats", paddle.is_grad_enabled())
@@ -233,8 +233,10 @@ class _SavedStatistics:
     through Paddle's nodes that is never freed), and output gradients are only referred to weakly.
     """
 
-    def __init__(self, x: Tensor, rest: list, attrs: tuple, axes: list[int], lean: list[int], count: int) -> None:
+    def __init__(self, x: Tensor, param_dtype: Any, rest: list, attrs: tuple, axes: list[int], lean: list[int],
+                 count: int) -> None:
         self.x, self.rest, self.attrs, self.axes, self.lean, self.count = x, rest, attrs, axes, lean, count
+        self.param_dtype = param_dtype   # the kernel's scale and bias (float32 for a float16 input)
         self._last: tuple | None = None     # (weakref to g, P(g), <g, x_hat>) of the latest kernel call
         self._constants: dict[str, Tensor] = {}
 
@@ -243,8 +245,8 @@ class _SavedStatistics:
         if self._last is not None and self._last[0]() is g:
             return self._last[1], self._last[2]
         c = math.prod(self.lean)
-        one = _full([c], 1.0, self.x.dtype, self.x.place)
-        zero = _full([c], 0.0, self.x.dtype, self.x.place)
+        one = _full([c], 1.0, self.param_dtype, self.x.place)
+        zero = _full([c], 0.0, self.param_dtype, self.x.place)
         with paddle.no_grad():
             p, g_x, _ = original("batch_norm_grad")(self.x.detach(), one, zero, *self._saved(), g.detach(),
                                                     *self.attrs)
