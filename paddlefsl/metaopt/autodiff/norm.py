@@ -276,6 +276,8 @@ class _SavedStatistics:
         """``P(g)``, exact at every order in ``x`` and ``g``."""
         p_g, g_x = self._kernel(g)
         p_u = _Shared(self._projected)
+        # x before g: Paddle runs the tokens in input order, so x's gradient reads P(u) before g's hands that same
+        # tensor to Paddle, which may then accumulate other gradients of g into it in place.
         return apply_rule([self.x, g], p_g.detach,
                           [lambda u: self._project_grad_x(g, p_g, g_x, u, p_u(u)), p_u])
 
