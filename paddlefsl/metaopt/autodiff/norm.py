@@ -240,9 +240,11 @@ class _SavedStatistics:
         self._last: tuple | None = None     # (weakref to g, P(g), <g, x_hat>) of the latest kernel call
         self._constants: dict[str, Tensor] = {}
 
-    def _kernel(self, g: Tensor) -> tuple[Tensor, Tensor]:
-        """``(P(g), <g, x_hat>)`` as values without a graph; consecutive requests for one ``g`` share one call."""
-        if self._last is not None and self._last[0]() is g:
+    def _kernel(self, g: Tensor, keep: bool = True) -> tuple[Tensor, Tensor]:
+        """``(P(g), <g, x_hat>)`` as values without a graph. With ``keep`` consecutive requests for one ``g`` share
+        one call (the input and weight gradients of one recorded pass); an output gradient's projection in the
+        meta-backward is not kept (it is handed to Paddle, see `_Shared`)."""
+        if keep and self._last is not None and self._last[0]() is g:
             return self._last[1], self._last[2]
         c = math.prod(self.lean)
         one = _full([c], 1.0, self.param_dtype, self.x.place)
@@ -250,8 +252,10 @@ class _SavedStatistics:
         with paddle.no_grad():
             p, g_x, _ = original("batch_norm_grad")(self.x.detach(), one, zero, *self._saved(), g.detach(),
                                                     *self.attrs)
-        self._last = (weakref.ref(g), p, g_x.reshape(self.lean))
-        return self._last[1], self._last[2]
+        g_x = g_x.reshape(self.lean)
+        if keep:
+            self._last = (weakref.ref(g), p, g_x)
+        return p, g_x
 
     def _saved(self) -> list[Tensor]:
         if "saved" not in self._constants:
@@ -276,13 +280,13 @@ class _SavedStatistics:
         """``P(g)``, exact at every order in ``x`` and ``g``."""
         p_g, g_x = self._kernel(g)
         p_u = _Shared(self._projected)
-        # x before g: Paddle runs the tokens in input order, so x's gradient reads P(u) before g's hands that same
-        # tensor to Paddle, which may then accumulate other gradients of g into it in place.
+        # x's gradient reads P(u) and leaves it for g's, which takes it (Paddle may accumulate g's other gradients
+        # into the tensor it is handed, in place); in the other order g's computes its own.
         return apply_rule([self.x, g], p_g.detach,
-                          [lambda u: self._project_grad_x(g, p_g, g_x, u, p_u(u)), p_u])
+                          [lambda u: self._project_grad_x(g, p_g, g_x, u, p_u(u)), p_u.take])
 
     def _projected(self, u: Tensor) -> Tensor:
-        return self.project(u) if paddle.is_grad_enabled() else self._kernel(u)[0]
+        return self.project(u) if paddle.is_grad_enabled() else self._kernel(u, keep=False)[0]
 
     def _project_grad_x(self, g: Tensor, p_g: Tensor, g_x: Tensor, u: Tensor, p_u: Tensor) -> Tensor:
         if paddle.is_grad_enabled():
@@ -317,9 +321,10 @@ class _SavedStatistics:
 
 
 class _Shared:
-    """``fn(u)`` for the output gradient ``u`` of a backward pass that records no graph, computed once and shared by
-    the gradient functions of one rule that need it (`apply_rule` hands them the same tensor). In a pass that
-    records a graph nothing is kept (see `_SavedStatistics`)."""
+    """``fn(u)`` for the output gradient ``u`` of a backward pass that records no graph, computed once for two
+    gradient functions of one rule (`apply_rule` hands them the same tensor): a reader (``shared(u)``) and the last
+    user (``shared.take(u)``), which gets the tensor and clears it, so nothing here can read it after Paddle has
+    been handed it. In a pass that records a graph nothing is kept (see `_SavedStatistics`)."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.fn, self._last = fn, None
@@ -330,6 +335,13 @@ class _Shared:
         if self._last is None or self._last[0]() is not u:
             self._last = (weakref.ref(u), self.fn(u))
         return self._last[1]
+
+    def take(self, u: Tensor) -> Tensor:
+        """``fn(u)``, the reader's result if it ran for this ``u`` (then forgotten here), else computed anew."""
+        last, self._last = self._last, None
+        if last is not None and last[0]() is u and not paddle.is_grad_enabled():
+            return last[1]
+        return self.fn(u)
 
 
 # ----------------------------------------------------------------------------------------------- layer norm

@@ -440,3 +440,26 @@ def test_a_recorded_batch_norm_gradient_dropped_without_backward_is_freed(case: 
     values = [once(False), once(True), once(False)]
     assert _live_pylayer_contexts() == before
     assert np.isfinite(values).all() and values[0] == values[1] > 0
+
+
+
+def test_the_meta_backward_projects_each_output_gradient_once():
+    """Backward through a recorded batch-norm gradient: the projection rule's x and g slots share one kernel call
+    for P(u) (the other call is the batch-norm backward along the path through g), and the result matches finite
+    differences of the recorded gradient."""
+    from tests.opcheck import kernel_calls
+    t = _r(4, 3, 3, 3)
+    arrays = [_r(4, 3, 3, 3), _pos(3), _r(3)]
+
+    def q(xt, wt, bt):
+        y = F.batch_norm(xt, paddle.zeros([3], "float64"), paddle.ones([3], "float64"), wt, bt, training=True)
+        gx, gw = paddle.grad(paddle.tanh(y).sum(), [xt, wt], create_graph=True)
+        return (gx * paddle.to_tensor(t)).sum() + (gw * gw).sum()
+
+    with exact_ops():
+        ts = _tensors(arrays)
+        quantity = q(*ts)
+        with kernel_calls() as calls:
+            paddle.grad(quantity, ts)
+    assert calls.get("batch_norm_grad", 0) == 2, calls
+    check_grad_in_scope(q, arrays, rtol=1e-5, atol=1e-7)
