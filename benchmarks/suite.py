@@ -28,6 +28,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_dir import load_workloads as load_shared_workloads  # noqa: E402  (standard library only)
+
 ALGORITHMS = {"maml2": "MAML 2nd", "maml1": "MAML 1st", "anil": "ANIL 2nd"}
 PEERS = (("l2l", "second", "learn2learn MAML 2nd"), ("l2l", "first", "learn2learn MAML 1st"),
          ("higher", "second", "higher MAML 2nd"), ("torchopt", "second", "TorchOpt MAML 2nd"))
@@ -44,10 +47,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def load_workloads(bench_dir: str) -> dict:
     """The shared workload table plus ``W2x10`` (W2 with 10 inner steps)."""
-    sys.path.insert(0, _HERE)
-    from bench_dir import load_workloads as shared_workloads
     try:
-        table = dict(shared_workloads(bench_dir))
+        table = dict(load_shared_workloads(bench_dir))
     except FileNotFoundError as error:
         raise SystemExit(str(error)) from None
     table["W2x10"] = dict(table["W2"], steps=10)
