@@ -154,7 +154,7 @@ def conv_weight_grad(x: paddle.Tensor, gy: paddle.Tensor, kernel: Sequence[int],
 
     def run():
         if geo.nd == 2 and kernels.conv2d_supported(x, gy, dilation, geo.groups, False, _macs(gy.shape, w_shape)):
-            return kernels.conv2d_backward_weights(x, gy, w_shape, stride, pads, stock)
+            return kernels.conv2d_backward_weights(x, gy, w_shape, stride, pads, stock, geo.groups)
         return stock(x, gy)
 
     sizes = list(x.shape[2:])
@@ -258,7 +258,7 @@ def _fast_conv2d(stock: Callable, geo: ConvGeometry, last: bool) -> Callable:
         if not kernels.conv2d_supported(x, w, geo.dilation, geo.groups, last,
                                         _macs([x.shape[0], w.shape[0]] + sizes, w.shape)):
             return stock(x, w)
-        return kernels.conv2d(x, w, list(geo.stride), list(geo.pads), stock)
+        return kernels.conv2d(x, w, list(geo.stride), list(geo.pads), stock, geo.groups)
 
     return run
 
@@ -277,8 +277,8 @@ def _fast_conv2d_transpose(stock: Callable, geo: ConvGeometry, last: bool, outpu
         if not consistent or not kernels.conv2d_supported(x, w, geo.dilation, geo.groups, last,
                                                           _macs(x.shape, [w.shape[0], w.shape[1]] + list(w.shape[2:]))):
             return stock(x, w)
-        x_shape = [x.shape[0], w.shape[1]] + sizes
-        return kernels.conv2d_backward_data(x, w, x_shape, list(geo.stride), list(geo.pads), stock)
+        x_shape = [x.shape[0], w.shape[1] * geo.groups] + sizes
+        return kernels.conv2d_backward_data(x, w, x_shape, list(geo.stride), list(geo.pads), stock, geo.groups)
 
     return run
 

@@ -9,7 +9,7 @@ kernel:
 * the fast path is on: the environment variable ``PADDLEFSL_FAST_KERNELS`` is not ``0`` (read at import) and
   `set_fast_kernels` did not turn it off;
 * oneDNN 3 loads from ``paddle/libs/libdnnl.so.3``;
-* float32 tensors on the CPU, NCHW, one group, dilation 1;
+* float32 tensors on the CPU, NCHW, dilation 1 (any number of groups);
 * the convolution is large enough (`MIN_MACS` multiply-adds): below that, oneDNN's per-call overhead (about
   0.1 ms through ``ctypes``) costs more than Paddle's kernel;
 * the plan for that shape passed its one-time self-check: its first result is compared with Paddle's own kernel on
@@ -90,7 +90,7 @@ def self_check_failures() -> list[tuple]:
 def conv2d_supported(x: paddle.Tensor, w: paddle.Tensor, dilation: Sequence[int], groups: int,
                      channel_last: bool, macs: int) -> bool:
     """Whether a 2-D convolution of ``x`` (input or output gradient) with weight ``w`` goes to oneDNN."""
-    return (_enabled and not channel_last and int(groups) == 1 and all(int(d) == 1 for d in dilation)
+    return (_enabled and not channel_last and int(groups) >= 1 and all(int(d) == 1 for d in dilation)
             and x.ndim == 4 and x.dtype == paddle.float32 and w.dtype == paddle.float32
             and x.place.is_cpu_place() and w.place.is_cpu_place() and macs >= MIN_MACS and onednn.available())
 
@@ -158,31 +158,33 @@ def _contiguous(t: paddle.Tensor) -> paddle.Tensor:
 
 
 def conv2d(x: paddle.Tensor, w: paddle.Tensor, stride: Sequence[int], pads: Sequence[int],
-           reference: Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor]) -> paddle.Tensor:
+           reference: Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor], groups: int = 1) -> paddle.Tensor:
     """Forward convolution on oneDNN (check `conv2d_supported` first); ``reference(x, w)`` is Paddle's."""
-    key = ("conv2d", tuple(x.shape), tuple(w.shape), tuple(stride), tuple(pads))
-    return _checked_call(key, lambda: onednn.conv2d_forward(_contiguous(x), _contiguous(w), stride, pads), reference,
-                         (x, w))
+    key = ("conv2d", tuple(x.shape), tuple(w.shape), tuple(stride), tuple(pads), groups)
+    return _checked_call(key, lambda: onednn.conv2d_forward(_contiguous(x), _contiguous(w), stride, pads, groups),
+                         reference, (x, w))
 
 
 def conv2d_backward_data(gy: paddle.Tensor, w: paddle.Tensor, x_shape: Sequence[int], stride: Sequence[int],
-                         pads: Sequence[int],
-                         reference: Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor]) -> paddle.Tensor:
+                         pads: Sequence[int], reference: Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor],
+                         groups: int = 1) -> paddle.Tensor:
     """The transposed convolution of ``gy`` with ``w`` to shape ``x_shape`` on oneDNN; ``reference(gy, w)`` is
     Paddle's."""
-    key = ("conv2d_backward_data", tuple(gy.shape), tuple(w.shape), tuple(x_shape), tuple(stride), tuple(pads))
+    key = ("conv2d_backward_data", tuple(gy.shape), tuple(w.shape), tuple(x_shape), tuple(stride), tuple(pads),
+           groups)
     return _checked_call(key, lambda: onednn.conv2d_backward_data(_contiguous(gy), _contiguous(w), x_shape, stride,
-                                                                  pads), reference, (gy, w))
+                                                                  pads, groups), reference, (gy, w))
 
 
 def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequence[int], stride: Sequence[int],
-                            pads: Sequence[int],
-                            reference: Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor]) -> paddle.Tensor:
+                            pads: Sequence[int], reference: Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor],
+                            groups: int = 1) -> paddle.Tensor:
     """The weight gradient of the convolution of ``x`` for the output gradient ``gy`` on oneDNN;
     ``reference(x, gy)`` is Paddle's."""
-    key = ("conv2d_backward_weights", tuple(x.shape), tuple(gy.shape), tuple(w_shape), tuple(stride), tuple(pads))
+    key = ("conv2d_backward_weights", tuple(x.shape), tuple(gy.shape), tuple(w_shape), tuple(stride), tuple(pads),
+           groups)
     return _checked_call(key, lambda: onednn.conv2d_backward_weights(_contiguous(x), _contiguous(gy), w_shape,
-                                                                     stride, pads), reference, (x, gy))
+                                                                     stride, pads, groups), reference, (x, gy))
 
 
 def max_pool2d_supported(x: paddle.Tensor) -> bool:

@@ -163,19 +163,22 @@ class Conv2dPlan:
         y_shape: ``[N, O, h, w]``.
         stride: two strides.
         pads: ``[top, bottom, left, right]``.
+        groups: the number of channel groups (``w_shape`` is then ``[O, C / groups, kh, kw]``, Paddle's layout,
+            which is oneDNN's plain grouped layout ``[groups, O / groups, C / groups, kh, kw]`` in memory).
 
     Raises:
         RuntimeError: if oneDNN refuses the geometry.
     """
 
-    def __init__(self, direction: str, x_shape, w_shape, y_shape, stride, pads) -> None:
+    def __init__(self, direction: str, x_shape, w_shape, y_shape, stride, pads, groups: int = 1) -> None:
         lib = _library()
         self.lib = lib
         self.direction = direction
         self.shapes = {"x": list(x_shape), "w": list(w_shape), "y": list(y_shape)}
+        w_dims = list(w_shape) if groups == 1 else [groups, w_shape[0] // groups] + list(w_shape[1:])
         strides, dil = _Dims(*stride), _Dims(0, 0)
         pad_l, pad_r = _Dims(pads[0], pads[2]), _Dims(pads[1], pads[3])
-        x_any, w_any, y_any = lib.any_md(x_shape), lib.any_md(w_shape), lib.any_md(y_shape)
+        x_any, w_any, y_any = lib.any_md(x_shape), lib.any_md(w_dims), lib.any_md(y_shape)
         fwd = _vp()
         lib.check(lib.lib.dnnl_convolution_forward_primitive_desc_create(
             ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, _CONVOLUTION_DIRECT, x_any, w_any, None, y_any,
@@ -200,7 +203,8 @@ class Conv2dPlan:
         self.operands = {}
         for key, role, is_input in roles:
             chosen = lib.lib.dnnl_primitive_desc_query_md(pd, _QUERY[role], 0)
-            self.operands[key] = _Operand(lib, lib.plain_md(self.shapes[key]), _vp(chosen), _ARG[role], is_input)
+            plain = lib.plain_md(w_dims if key == "w" else self.shapes[key])
+            self.operands[key] = _Operand(lib, plain, _vp(chosen), _ARG[role], is_input)
         self.primitive = lib.primitive(pd)
         self.output = roles[-1][0]
         self.inputs = [r[0] for r in roles[:-1]]
@@ -399,11 +403,11 @@ def version() -> tuple[int, int, int] | None:
     return _library().version if available() else None
 
 
-def _plan(direction: str, x_shape, w_shape, y_shape, stride, pads) -> Conv2dPlan:
-    key = (direction, tuple(x_shape), tuple(w_shape), tuple(y_shape), tuple(stride), tuple(pads))
+def _plan(direction: str, x_shape, w_shape, y_shape, stride, pads, groups: int) -> Conv2dPlan:
+    key = (direction, tuple(x_shape), tuple(w_shape), tuple(y_shape), tuple(stride), tuple(pads), groups)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = Conv2dPlan(direction, x_shape, w_shape, y_shape, stride, pads)
+        plan = _PLANS[key] = Conv2dPlan(direction, x_shape, w_shape, y_shape, stride, pads, groups)
     return plan
 
 
@@ -412,24 +416,25 @@ def conv_out_size(size: int, k: int, s: int, pad_before: int, pad_after: int) ->
     return (size + pad_before + pad_after - k) // s + 1
 
 
-def conv2d_forward(x: paddle.Tensor, w: paddle.Tensor, stride: Sequence[int], pads: Sequence[int]) -> paddle.Tensor:
-    """``conv2d(x, w)``, NCHW float32, pads ``[top, bottom, left, right]``, dilation 1, one group."""
+def conv2d_forward(x: paddle.Tensor, w: paddle.Tensor, stride: Sequence[int], pads: Sequence[int],
+                   groups: int = 1) -> paddle.Tensor:
+    """``conv2d(x, w)``, NCHW float32, pads ``[top, bottom, left, right]``, dilation 1, ``groups`` channel groups."""
     n, _, h, wd = x.shape
     y_shape = [n, w.shape[0], conv_out_size(h, w.shape[2], stride[0], pads[0], pads[1]),
                conv_out_size(wd, w.shape[3], stride[1], pads[2], pads[3])]
-    return _plan("forward", x.shape, w.shape, y_shape, stride, pads)(x=x, w=w)
+    return _plan("forward", x.shape, w.shape, y_shape, stride, pads, groups)(x=x, w=w)
 
 
 def conv2d_backward_data(gy: paddle.Tensor, w: paddle.Tensor, x_shape: Sequence[int], stride: Sequence[int],
-                         pads: Sequence[int]) -> paddle.Tensor:
+                         pads: Sequence[int], groups: int = 1) -> paddle.Tensor:
     """The adjoint of ``conv2d(., w)`` applied to ``gy`` (a transposed convolution), of shape ``x_shape``."""
-    return _plan("backward_data", x_shape, w.shape, gy.shape, stride, pads)(y=gy, w=w)
+    return _plan("backward_data", x_shape, w.shape, gy.shape, stride, pads, groups)(y=gy, w=w)
 
 
 def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequence[int], stride: Sequence[int],
-                            pads: Sequence[int]) -> paddle.Tensor:
+                            pads: Sequence[int], groups: int = 1) -> paddle.Tensor:
     """The adjoint of ``conv2d(x, .)`` applied to ``gy`` (the weight gradient), of shape ``w_shape``."""
-    return _plan("backward_weights", x.shape, w_shape, gy.shape, stride, pads)(x=x, y=gy)
+    return _plan("backward_weights", x.shape, w_shape, gy.shape, stride, pads, groups)(x=x, y=gy)
 
 
 def _cached(key: tuple, build):

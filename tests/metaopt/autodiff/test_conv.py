@@ -233,11 +233,13 @@ def _third_order_quantities(f, arrays, dtype):
     return [t.numpy().astype(np.float64) for t in list(gs) + list(hs) + list(ts3)]
 
 
+@pytest.mark.parametrize("groups,size", [(1, 16), (2, 24)])
 @pytest.mark.parametrize("fast", [True, False])
-def test_float32_fast_kernels_give_the_float64_derivatives(fast, monkeypatch):
+def test_float32_fast_kernels_give_the_float64_derivatives(fast, groups, size, monkeypatch):
     """Float32 convolutions large enough for the fast kernels (oneDNN): gradient, HVP and third order agree with
-    the float64 rules (exact: checked against finite differences above), with the fast path on and off; the
-    fast path really runs when on (forward, backward data and backward weights) and not when off."""
+    the float64 rules (exact: checked against finite differences above), with the fast path on and off, for one
+    group and for grouped convolutions (a batched task learner's); the fast path really runs when on (forward,
+    backward data and backward weights) and not when off."""
     from paddlefsl.metaopt import kernels, set_fast_kernels
     from paddlefsl.metaopt.kernels import onednn
     if fast and not onednn.available():
@@ -246,13 +248,14 @@ def test_float32_fast_kernels_give_the_float64_derivatives(fast, monkeypatch):
     for name in ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights"):
         original = getattr(onednn, name)
         monkeypatch.setattr(onednn, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    monkeypatch.setattr(kernels, "_checked", {})
     rng = np.random.default_rng(5)
-    x = paddle.to_tensor(rng.standard_normal((4, 8, 16, 16)) * 0.5)
-    arrays = [rng.standard_normal((16, 8, 3, 3)) * 0.2, rng.standard_normal((16, 16, 3, 3)) * 0.1]
+    x = paddle.to_tensor(rng.standard_normal((4, 8, size, size)) * 0.5)
+    arrays = [rng.standard_normal((16, 8 // groups, 3, 3)) * 0.2, rng.standard_normal((16, 16 // groups, 3, 3)) * 0.1]
 
     def f(w1, w2):
-        h = paddle.tanh(F.conv2d(x.astype(w1.dtype), w1, padding=1))
-        return (paddle.tanh(F.conv2d(h, w2, padding=1)) ** 2).sum()
+        h = paddle.tanh(F.conv2d(x.astype(w1.dtype), w1, padding=1, groups=groups))
+        return (paddle.tanh(F.conv2d(h, w2, padding=1, groups=groups)) ** 2).sum()
 
     previous = set_fast_kernels(fast)
     try:
@@ -263,7 +266,8 @@ def test_float32_fast_kernels_give_the_float64_derivatives(fast, monkeypatch):
     finally:
         set_fast_kernels(previous)
     assert set(calls) == ({"conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights"} if fast else set())
-    assert kernels.MIN_MACS <= 4 * 16 * 16 * 16 * 8 * 9
+    assert kernels.MIN_MACS <= 4 * 16 * size * size * (8 // groups) * 9
+    assert kernels.self_check_failures() == []    # every oneDNN plan agreed with Paddle's kernel
     for g, w in zip(got, want):
         scale = float(np.abs(w).max())
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-4 * scale)

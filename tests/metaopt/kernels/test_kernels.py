@@ -60,7 +60,7 @@ def test_automatic_choice(fast_on, monkeypatch):
     assert kernels.conv2d_supported(x, w, [1, 1], 1, False, big)
     assert not kernels.conv2d_supported(x, w, [1, 1], 1, False, big - 1)    # too small: Paddle's kernel
     assert not kernels.conv2d_supported(x, w, [2, 2], 1, False, big)        # dilation
-    assert not kernels.conv2d_supported(x, w, [1, 1], 2, False, big)        # groups
+    assert kernels.conv2d_supported(x, w, [1, 1], 2, False, big)            # groups: oneDNN's grouped plans
     assert not kernels.conv2d_supported(x, w, [1, 1], 1, True, big)         # channel-last
     x64, w64 = _tensors("float64")
     assert not kernels.conv2d_supported(x64, w64, [1, 1], 1, False, big)    # float64

@@ -9,17 +9,20 @@ from paddlefsl.metaopt.kernels import onednn
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason=f"oneDNN not loadable: {onednn.load_error()}")
 
-# (x shape, w shape, stride, pads [top, bottom, left, right])
+# (x shape, w shape, stride, pads [top, bottom, left, right], groups)
 GEOMETRIES = [
-    ([5, 3, 20, 20], [8, 3, 3, 3], [1, 1], [1, 1, 1, 1]),     # W2's first layer, smaller
-    ([5, 16, 14, 14], [16, 16, 3, 3], [2, 2], [1, 1, 1, 1]),  # W1's strided layers
-    ([2, 4, 7, 6], [5, 4, 3, 2], [2, 1], [0, 1, 1, 0]),       # asymmetric pads and kernel
-    ([3, 6, 5, 5], [4, 6, 1, 1], [1, 1], [0, 0, 0, 0]),       # 1x1
+    ([5, 3, 20, 20], [8, 3, 3, 3], [1, 1], [1, 1, 1, 1], 1),     # W2's first layer, smaller
+    ([5, 16, 14, 14], [16, 16, 3, 3], [2, 2], [1, 1, 1, 1], 1),  # W1's strided layers
+    ([2, 4, 7, 6], [5, 4, 3, 2], [2, 1], [0, 1, 1, 0], 1),       # asymmetric pads and kernel
+    ([3, 6, 5, 5], [4, 6, 1, 1], [1, 1], [0, 0, 0, 0], 1),       # 1x1
+    ([5, 4 * 16, 14, 14], [4 * 16, 16, 3, 3], [2, 2], [1, 1, 1, 1], 4),  # W1's layer for 4 tasks at once
+    ([3, 6, 7, 6], [9, 2, 3, 2], [2, 1], [0, 1, 1, 0], 3),       # groups with asymmetric pads and kernel
+    ([2, 3, 9, 9], [6, 1, 3, 3], [1, 1], [1, 1, 1, 1], 3),       # one input channel per group
 ]
 
 
-def _stock(x, w, stride, pads):
-    y = paddle._C_ops.conv2d(x, w, stride, pads, "EXPLICIT", [1, 1], 1, "NCHW")
+def _stock(x, w, stride, pads, groups=1):
+    y = paddle._C_ops.conv2d(x, w, stride, pads, "EXPLICIT", [1, 1], groups, "NCHW")
     return y
 
 
@@ -33,17 +36,17 @@ def test_version_is_three():
     assert onednn.version()[0] == 3
 
 
-@pytest.mark.parametrize("x_shape,w_shape,stride,pads", GEOMETRIES)
-def test_three_kernels_equal_paddle(x_shape, w_shape, stride, pads):
+@pytest.mark.parametrize("x_shape,w_shape,stride,pads,groups", GEOMETRIES)
+def test_three_kernels_equal_paddle(x_shape, w_shape, stride, pads, groups):
     rng = np.random.default_rng(0)
     x = paddle.to_tensor(rng.standard_normal(x_shape), dtype="float32")
     w = paddle.to_tensor(rng.standard_normal(w_shape), dtype="float32")
-    y = _stock(x, w, stride, pads)
+    y = _stock(x, w, stride, pads, groups)
     gy = paddle.to_tensor(rng.standard_normal(y.shape), dtype="float32")
-    gx, gw = paddle._C_ops.conv2d_grad(x, w, gy, stride, pads, "EXPLICIT", [1, 1], 1, "NCHW")
-    _close(onednn.conv2d_forward(x, w, stride, pads), y)
-    _close(onednn.conv2d_backward_data(gy, w, x_shape, stride, pads), gx)
-    _close(onednn.conv2d_backward_weights(x, gy, w_shape, stride, pads), gw)
+    gx, gw = paddle._C_ops.conv2d_grad(x, w, gy, stride, pads, "EXPLICIT", [1, 1], groups, "NCHW")
+    _close(onednn.conv2d_forward(x, w, stride, pads, groups), y)
+    _close(onednn.conv2d_backward_data(gy, w, x_shape, stride, pads, groups), gx)
+    _close(onednn.conv2d_backward_weights(x, gy, w_shape, stride, pads, groups), gw)
 
 
 def test_plans_are_cached_per_shape():
