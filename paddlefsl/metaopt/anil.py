@@ -65,9 +65,19 @@ class ANIL(BaseLearner):
         """The head (a clone's own adapted copy in a task learner)."""
         return self.model.head
 
-    def clone(self) -> "ANIL":
-        """Return a task learner sharing the features and holding a graph-connected copy of the head."""
-        return self._spawn(model=FeaturesHead(self.model.features, self._clone_layer(self.model.head)))
+    def clone(self, tasks: int | None = None) -> "ANIL":
+        """Return a task learner sharing the features and holding a graph-connected copy of the head.
+
+        Args:
+            tasks: adapt this many tasks at once, as `paddlefsl.metaopt.MAML.clone`: one copy of the head per task;
+                the shared features run once over all tasks' samples (their batch-norm layers must then be in eval
+                mode, since batch statistics would mix the tasks).
+        """
+        new_tasks = self._new_tasks(tasks, self.model.head)
+        task = self._spawn(model=FeaturesHead(self.model.features, self._clone_layer(self.model.head, new_tasks)))
+        if new_tasks is not None:
+            task._tasks = new_tasks
+        return task
 
     def adapt(self, loss: paddle.Tensor, first_order: bool | None = None) -> None:
         """One gradient step on the head's trainable parameters.

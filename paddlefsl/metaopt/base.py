@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from paddlefsl.metaopt import distributed
+from paddlefsl.metaopt import distributed, taskbatch
 from paddlefsl.metaopt.autodiff import released, scope
 from paddlefsl.metaopt.functional import ParameterSlots, clone_model
 
@@ -181,6 +181,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         self._clones_since_step = 0
         self._graph_tokens: tuple[object, ...] = ()
         self._eval_norms_checked = False
+        self._tasks: int | None = None
         if not self.allow_nograd:
             stats = _running_statistics(model)
             frozen = [name for name, p in ParameterSlots(model).named() if p.stop_gradient and id(p) not in stats]
@@ -218,8 +219,28 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
     def adapt(self, loss: paddle.Tensor) -> None:
         """Make one inner update of this task learner's model from ``loss`` (out of place)."""
 
+    @property
+    def tasks(self) -> int | None:
+        """The number of tasks a task learner from ``clone(tasks=T)`` adapts at once (``None``: one task)."""
+        return self._tasks
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run ``self.model`` on the inputs (after checking that floating inputs match the model's dtype)."""
+        """Run ``self.model`` on the inputs (after checking that floating inputs match the model's dtype).
+
+        A task learner cloned for ``T`` tasks (``clone(tasks=T)``) takes every tensor input with the task axis first,
+        ``[T, N, ...]``, and returns outputs the same way, ``[T, N, ...]`` (see `paddlefsl.metaopt.taskbatch`).
+        """
+        if self._tasks is not None:
+            tasks = self._tasks
+            args = tuple(taskbatch.to_samples(v, tasks, f"input {i}") if isinstance(v, paddle.Tensor) else v
+                         for i, v in enumerate(args))
+            kwargs = {k: taskbatch.to_samples(v, tasks, f"input {k!r}") if isinstance(v, paddle.Tensor) else v
+                      for k, v in kwargs.items()}
+            with taskbatch.batched_forward(self.model, tasks):
+                return taskbatch.to_tasks(self._run_model(args, kwargs), tasks)
+        return self._run_model(args, kwargs)
+
+    def _run_model(self, args: tuple, kwargs: dict) -> Any:
         dtype = self._param_dtype()
         for i, value in enumerate(args):
             if isinstance(value, paddle.Tensor) and value.is_floating_point() and dtype is not None \
@@ -346,17 +367,38 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         task._clones_since_step = 0
         task._lease = scope.Lease(first_order=self.first_order)
         task._graph_tokens = self._graph_tokens + (object(),)
+        task._tasks = self._tasks
         for name, layer in layers.items():
             setattr(task, name, layer)
         return task
 
-    def _clone_layer(self, layer: nn.Layer) -> nn.Layer:
+    def _clone_layer(self, layer: nn.Layer, tasks: int | None = None) -> nn.Layer:
+        """A graph-connected copy of ``layer`` for a task learner; with ``tasks``, one copy of its state per task
+        (`paddlefsl.metaopt.taskbatch.stack_parameters`)."""
         cloned = clone_model(layer, share_stats=self.batch_norm == "shared")
         if self.batch_norm == "running":
             for sub in batch_norms(cloned):
                 sub._use_global_stats = True
+        if tasks is not None:
+            taskbatch.stack_parameters(cloned, tasks)
         scope.track_layers(cloned)
         return cloned
+
+    def _new_tasks(self, tasks: object, layer: nn.Layer) -> int | None:
+        """Check ``clone(tasks=...)``: the number of tasks whose parameters the clone must stack now (``None`` for a
+        one-task clone, and for a clone of a learner that is batched already, which keeps its batch)."""
+        if tasks is None:
+            return None
+        tasks = taskbatch.check_tasks(tasks)
+        if self._tasks is not None:
+            raise ValueError(f"clone(tasks={tasks}) on a task learner already cloned for {self._tasks} tasks; call "
+                             f"clone() on it (the copy keeps its {self._tasks} tasks)")
+        if self.batch_norm == "shared" and batch_norms(layer):
+            raise ValueError("clone(tasks=...) with batch_norm='shared': the tasks of a batch would update the "
+                             "meta-model's running statistics in one call, not one task after another as separate "
+                             "clones do; build the learner with batch_norm='batch' or 'running', or clone one "
+                             "learner per task")
+        return tasks
 
     def _require_task(self, method: str) -> None:
         if self._meta is None:
@@ -370,6 +412,8 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         ``lr`` is one number, or one tensor per trainable parameter (broadcast against it).
         """
         self._require_task("adapt")
+        if self._tasks is not None:
+            loss = taskbatch.task_losses_total(loss, self._tasks, f"adapt step {self._adapt_steps + 1}")
         first = self.first_order if first_order is None else bool(first_order)
         slots = ParameterSlots(layer)
         names = [prefix + n for n, p in slots.named() if not p.stop_gradient]

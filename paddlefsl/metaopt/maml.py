@@ -283,13 +283,35 @@ class MAML(BaseLearner):
         return self if self._meta is None else self._meta
 
     # ----------------------------------------------------------------------------------------------- interface
-    def clone(self) -> "MAML":
+    def clone(self, tasks: int | None = None) -> "MAML":
         """Return a task learner whose model is a graph-connected copy of this learner's model.
 
         Learned rates and per-step batch-norm weights are graph-connected copies too; per-step statistics are copied
         or shared as ``batch_norm`` says. With ``first_order_until``, the task learner's order is fixed here.
+
+        Args:
+            tasks: adapt this many tasks at once (`paddlefsl.metaopt.taskbatch`): the task learner holds one copy of
+                each parameter per task, takes inputs ``[tasks, N, ...]``, returns ``[tasks, N, ...]``, and its
+                `adapt()` takes one loss per task (shape ``[tasks]``). Each task's update and meta-gradient are
+                those of a separate clone; small per-task shapes run several times faster.
+
+        Raises:
+            TypeError, ValueError: for a bad ``tasks``, or ``tasks`` with per-step batch norm, ``recompute``,
+                ``batch_norm="shared"`` or a layer a batched learner cannot run per task (the message says which).
+
+        Example:
+            >>> task = maml.clone(tasks=32)
+            >>> task.adapt(F.cross_entropy(task(x_support), y_support, reduction="none").mean(axis=1))
+            >>> maml.step(F.cross_entropy(task(x_query), y_query))
         """
-        layers = {"model": self._clone_layer(self.model)}
+        new_tasks = self._new_tasks(tasks, self.model)
+        if new_tasks is not None:
+            for argument, on in (("per_step_bn_stats", self.per_step_bn_stats),
+                                 ("per_step_bn_weights", self.per_step_bn_weights), ("recompute", self.recompute)):
+                if on:
+                    raise ValueError(f"clone(tasks={new_tasks}): a learner built with {argument}={on!r} clones one "
+                                     "task at a time; call clone() once per task")
+        layers = {"model": self._clone_layer(self.model, new_tasks)}
         if "inner_lrs" in self._sub_layers:
             layers["inner_lrs"] = clone_model(self.inner_lrs)
         if "bn_steps" in self._sub_layers:
@@ -298,6 +320,8 @@ class MAML(BaseLearner):
         task = self._spawn(**layers)
         task.first_order = first
         task._step_index = self._step_index
+        if new_tasks is not None:
+            task._tasks = new_tasks
         return task
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

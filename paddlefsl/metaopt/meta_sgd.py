@@ -66,9 +66,18 @@ class MetaSGD(BaseLearner):
     def _rates(self) -> list[paddle.Tensor]:
         return ParameterSlots(self.lrs).tensors
 
-    def clone(self) -> "MetaSGD":
-        """Return a task learner: graph-connected copies of the model and of the learning rates."""
-        return self._spawn(model=self._clone_layer(self.model), lrs=clone_model(self.lrs))
+    def clone(self, tasks: int | None = None) -> "MetaSGD":
+        """Return a task learner: graph-connected copies of the model and of the learning rates.
+
+        Args:
+            tasks: adapt this many tasks at once, as `MAML.clone` (one copy of each parameter per task; the
+                learned rates are shared by the tasks).
+        """
+        new_tasks = self._new_tasks(tasks, self.model)
+        task = self._spawn(model=self._clone_layer(self.model, new_tasks), lrs=clone_model(self.lrs))
+        if new_tasks is not None:
+            task._tasks = new_tasks
+        return task
 
     def adapt(self, loss: paddle.Tensor, first_order: bool | None = None) -> None:
         """One Meta-SGD step on every trainable parameter: ``w <- w - alpha_w * dloss/dw`` (elementwise).
