@@ -31,7 +31,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dir import load_workloads as load_shared_workloads  # noqa: E402  (standard library only)
 
-ALGORITHMS = {"maml2": "MAML 2nd", "maml1": "MAML 1st", "anil": "ANIL 2nd"}
+ALGORITHMS = {"maml2": "MAML 2nd", "maml1": "MAML 1st", "anil": "ANIL 2nd", "maml2b": "MAML 2nd, tasks batched",
+              "maml1b": "MAML 1st, tasks batched"}
+"""``maml2b``/``maml1b``: the same MAML with the meta-batch's tasks in one task learner (``clone(tasks=T)``)."""
 PEERS = (("l2l", "second", "learn2learn MAML 2nd"), ("l2l", "first", "learn2learn MAML 1st"),
          ("higher", "second", "higher MAML 2nd"), ("torchopt", "second", "TorchOpt MAML 2nd"))
 # Issue 19's estimate for W2: about 88 GFLOP per second-order meta-iteration, about 0.55 s at this machine's peak.
@@ -71,9 +73,16 @@ def worker(W: dict, algorithm: str, iterations: int) -> dict:
     if algorithm == "anil":
         learner = ANIL(features, head, W["inner_lr"], meta_optimizer=optimizer)
     else:
-        learner = MAML(nn.Sequential(features, head), W["inner_lr"], first_order=algorithm == "maml1",
+        learner = MAML(nn.Sequential(features, head), W["inner_lr"], first_order=algorithm.startswith("maml1"),
                        meta_optimizer=optimizer)
     tasks = random_tasks(W)
+    xs, ys, xq, yq = (paddle.stack([task[i] for task in tasks]) for i in range(4))
+
+    def batched_meta_iteration():
+        task = learner.clone(tasks=len(tasks))
+        for _ in range(W["steps"]):
+            task.adapt(F.cross_entropy(task(xs), ys, reduction="none").mean(axis=1))
+        learner.step(F.cross_entropy(task(xq), yq))
 
     def meta_iteration():
         losses = []
@@ -84,11 +93,12 @@ def worker(W: dict, algorithm: str, iterations: int) -> dict:
             losses.append(F.cross_entropy(task(xq), yq))
         learner.step(paddle.stack(losses).mean())
 
-    meta_iteration()
+    run = batched_meta_iteration if algorithm.endswith("b") else meta_iteration
+    run()
     times = []
     for _ in range(iterations):
         start = time.perf_counter()
-        meta_iteration()
+        run()
         times.append(time.perf_counter() - start)
     return {"times": times}
 
@@ -160,6 +170,7 @@ def ratios(results: list[dict]) -> None:
         for order in ("2nd", "1st"):
             # ours (reuse on) against learn2learn as it comes, and against learn2learn on the same allocator setting
             for ours, peer in ((f"paddlefsl MAML {order}", f"learn2learn MAML {order}"),
+                               (f"paddlefsl MAML {order}, tasks batched", f"learn2learn MAML {order}"),
                                (f"paddlefsl MAML {order}{REUSE_OFF}", f"learn2learn MAML {order}")):
                 if name == ours and find(w, peer):
                     r["l2l_over_ours"] = find(w, peer)["median_s"] / r["median_s"]

@@ -119,3 +119,19 @@ def test_same_allocator_rows_compare_like_with_like():
 def suite_allocator():
     from paddlefsl.metaopt.kernels import allocator
     return allocator
+
+
+@needs_bench
+def test_the_batched_configuration_runs_all_tasks_in_one_learner(tmp_path):
+    suite = _suite()
+    (row,) = suite.main(["--workloads", "W1", "--algorithms", "maml2b", "--iterations", "1", "--meta-batch", "2",
+                         "--bench-dir", BENCH_DIR])
+    assert row["implementation"] == "paddlefsl MAML 2nd, tasks batched" and row["median_s"] > 0
+
+
+def test_batched_rows_are_compared_with_learn2learn():
+    suite = _suite()
+    results = [dict(workload="W1", implementation="paddlefsl MAML 2nd, tasks batched", median_s=0.5),
+               dict(workload="W1", implementation="learn2learn MAML 2nd", median_s=1.0)]
+    suite.ratios(results)
+    assert results[0]["l2l_over_ours"] == pytest.approx(2.0)
