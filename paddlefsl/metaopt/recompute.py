@@ -122,6 +122,7 @@ class _Twin:
         learner._clones_since_step = 0
         learner._iteration = 0
         learner._step_index = getattr(task, "_step_index", 0)
+        learner._tasks = task._tasks
         for name, layer in _own_layers(task):
             memo: dict[int, object] = {}
             for sub in layer.sublayers(include_self=True):

@@ -48,7 +48,7 @@ def _classification_tasks(rng, count):
 
 def test_learner_loop_page_takes_meta_batches_of_tasks():
     blocks = python_blocks("docs/learner-loop.md")
-    assert len(blocks) == 2, "update this test when the page gets more code blocks"
+    assert len(blocks) == 3, "update this test when the page gets more code blocks"
     rng = np.random.default_rng(0)
     for block in blocks:
         model = paddle.nn.Linear(4, 3)

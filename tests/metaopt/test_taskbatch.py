@@ -283,3 +283,19 @@ def test_a_batched_task_learner_is_not_batched_again():
     task = _make("mlp", "maml").clone(tasks=TASKS)
     with pytest.raises(ValueError, match="already cloned for 3 tasks"):
         task.clone(tasks=2)
+
+
+def test_the_module_example_runs_as_printed():
+    import re
+
+    from paddlefsl.metaopt import taskbatch
+    (block,) = re.findall(r"```python\n(.*?)```", taskbatch.__doc__, re.S)
+    dtype = paddle.get_default_dtype()
+    paddle.set_default_dtype("float32")       # a fresh interpreter's default
+    try:
+        namespace: dict = {}
+        exec(compile(__import__("textwrap").dedent(block), "taskbatch example", "exec"), namespace)
+    finally:
+        paddle.set_default_dtype(dtype)
+    assert namespace["task"].tasks == 16
+    assert all(p.grad is not None for p in namespace["model"].parameters())
