@@ -37,7 +37,7 @@ def dataset(seed: int, classes: int = 6, per_class: int = 4) -> SimpleNamespace:
     return SimpleNamespace(images=images, labels=labels)
 
 
-def run(out: str, iterations: int, resume: bool = False, algorithm: str = "maml") -> dict:
+def run(out: str, iterations: int, resume: bool = False, algorithm: str = "maml", extra: tuple = ()) -> dict:
     """Meta-train with examples/episodic.run: float64, meta-batch 3 (2 + 1 tasks on 2 processes), augmentation on."""
     paddle.set_default_dtype("float64")
     argv = ["--data-root", out, "--out", out, "--algorithm", algorithm, "--ways", str(WAYS), "--shots", "1",
@@ -45,7 +45,7 @@ def run(out: str, iterations: int, resume: bool = False, algorithm: str = "maml"
             "--checkpoint-every", "2", "--log-every", "1", "--augment-shift", "1", "--inner-lr", "0.3"]
     p = episodic.parser("test", dict(query=2, iterations=4, meta_batch=3, inner_steps=1, test_inner_steps=1,
                                      inner_lr=0.3))
-    args = p.parse_args(argv + (["--resume"] if resume else []))
+    args = p.parse_args(argv + (["--resume"] if resume else []) + list(extra))
     episodic.check_args(p, args)
     paddle.seed(args.seed)
     return episodic.run(args, Net(), dataset(0), dataset(1))

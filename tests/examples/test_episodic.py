@@ -183,3 +183,39 @@ def test_linear_head_zero_one_step_scores_the_support_prototypes():
 def test_linear_head_rejects_an_unknown_init():
     with pytest.raises(ValueError, match="init must be 'zero' or 'random', got 'ones'"):
         linear_head(4, 2, "ones")
+
+
+def test_batched_tasks_train_the_same_weights_as_one_clone_per_task(tmp_path):
+    """--batch-tasks (one task learner for the meta-batch, clone(tasks=T)) takes the same meta-steps: same weights,
+    same logged loss and accuracy, to float64 rounding."""
+    import json
+
+    from tests.examples import episodic_workers as workers
+    dtype = paddle.get_default_dtype()
+    for name in ("loop", "batched"):
+        (tmp_path / name).mkdir()
+    try:
+        loop = workers.run(str(tmp_path / "loop"), 3)
+        batched = workers.run(str(tmp_path / "batched"), 3, extra=("--batch-tasks",))
+    finally:
+        paddle.set_default_dtype(dtype)
+    assert loop.keys() == batched.keys()
+    a, b = read_checkpoint(tmp_path / "loop")["wrapper"], read_checkpoint(tmp_path / "batched")["wrapper"]
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    records = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("loop", "batched")]
+    for x, y in zip(*records):
+        for key in ("loss", "accuracy"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-9)
+
+
+def test_batched_tasks_need_maml(tmp_path):
+    p = parser("test", dict(query=2, iterations=4, meta_batch=3, inner_steps=1, test_inner_steps=1, inner_lr=0.3))
+    from episodic import check_args
+    args = p.parse_args(["--data-root", str(tmp_path), "--out", str(tmp_path), "--algorithm", "anil",
+                         "--batch-tasks"])
+    with pytest.raises(SystemExit):
+        check_args(p, args)
