@@ -108,7 +108,7 @@ def _args(**changes):
     values = dict(algorithm="maml", split="minimal", ways=5, shots=1, query=5, iterations=10, meta_batch=4,
                   inner_steps=1, test_inner_steps=3, inner_lr=0.4, meta_lr=1e-3, eval_tasks=600, seed=0, out="o",
                   resume=False, checkpoint_every=100, log_every=10, eval_at=[], augment_shift=0, learn_inner_lr=None,
-                  cosine_meta_lr=0, data_root="d", download=False)
+                  cosine_meta_lr=0, data_root="d", download=False, batch_tasks=False)
     values.update(changes)
     return argparse.Namespace(**values)
 
@@ -116,7 +116,8 @@ def _args(**changes):
 @pytest.mark.parametrize("option", sorted(CHANGEABLE_ON_RESUME))
 def test_changeable_options_are_not_differences(option):
     changed = {"iterations": 20, "eval_tasks": 10, "eval_at": [5], "test_inner_steps": 10, "checkpoint_every": 1,
-               "log_every": 1, "data_root": "elsewhere", "download": True, "out": "other", "resume": True}
+               "log_every": 1, "data_root": "elsewhere", "download": True, "out": "other", "resume": True,
+               "batch_tasks": True}
     assert config_differences(run_config(_args()), _args(**{option: changed[option]})) == []
 
 
