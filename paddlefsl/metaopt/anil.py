@@ -74,16 +74,15 @@ class ANIL(BaseLearner):
                 mode, since batch statistics would mix the tasks).
         """
         new_tasks = self._new_tasks(tasks, self.model.head)
-        task = self._spawn(model=FeaturesHead(self.model.features, self._clone_layer(self.model.head, new_tasks)))
-        if new_tasks is not None:
-            task._tasks = new_tasks
-        return task
+        return self._spawn(model=FeaturesHead(self.model.features, self._clone_layer(self.model.head, new_tasks)),
+                           tasks=new_tasks)
 
     def adapt(self, loss: paddle.Tensor, first_order: bool | None = None) -> None:
         """One gradient step on the head's trainable parameters.
 
         Args:
-            loss: a scalar loss computed with this task learner.
+            loss: a scalar loss computed with this task learner (one loss per task, shape ``[T]``, for a task
+                learner from ``clone(tasks=T)``).
             first_order: override the learner's ``first_order`` for this step.
 
         Raises:

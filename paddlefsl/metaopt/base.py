@@ -353,8 +353,9 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             raise ValueError(f"meta_optimizer does not hold the learner's parameters {missing}; build it with "
                              "parameters=learner.parameters()")
 
-    def _spawn(self, **layers: nn.Layer) -> "BaseLearner":
-        """Make a task learner of this class around the given (already cloned) layers."""
+    def _spawn(self, *, tasks: int | None = None, **layers: nn.Layer) -> "BaseLearner":
+        """Make a task learner of this class around the given (already cloned) layers, batched over ``tasks`` tasks
+        if given (else as this learner is)."""
         task = type(self).__new__(type(self))
         nn.Layer.__init__(task)
         for name, value in vars(self).items():
@@ -367,7 +368,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
         task._clones_since_step = 0
         task._lease = scope.Lease(first_order=self.first_order)
         task._graph_tokens = self._graph_tokens + (object(),)
-        task._tasks = self._tasks
+        task._tasks = self._tasks if tasks is None else tasks
         for name, layer in layers.items():
             setattr(task, name, layer)
         return task

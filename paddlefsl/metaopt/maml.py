@@ -317,11 +317,9 @@ class MAML(BaseLearner):
         if "bn_steps" in self._sub_layers:
             layers["bn_steps"] = clone_model(self.bn_steps, share_stats=self.batch_norm == "shared")
         first = self.is_first_order()
-        task = self._spawn(**layers)
+        task = self._spawn(tasks=new_tasks, **layers)
         task.first_order = first
         task._step_index = self._step_index
-        if new_tasks is not None:
-            task._tasks = new_tasks
         return task
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -343,7 +341,8 @@ class MAML(BaseLearner):
 
         Args:
             loss: a scalar loss computed with this task learner, or a function that computes it from the learner
-                it is given: ``lambda learner: F.cross_entropy(learner(x), y)`` (needed by ``recompute``).
+                it is given: ``lambda learner: F.cross_entropy(learner(x), y)`` (needed by ``recompute``). A task
+                learner from ``clone(tasks=T)`` takes one loss per task, shape ``[T]``.
             first_order: override the task learner's order for this step.
 
         Raises:

@@ -74,16 +74,14 @@ class MetaSGD(BaseLearner):
                 learned rates are shared by the tasks).
         """
         new_tasks = self._new_tasks(tasks, self.model)
-        task = self._spawn(model=self._clone_layer(self.model, new_tasks), lrs=clone_model(self.lrs))
-        if new_tasks is not None:
-            task._tasks = new_tasks
-        return task
+        return self._spawn(model=self._clone_layer(self.model, new_tasks), lrs=clone_model(self.lrs), tasks=new_tasks)
 
     def adapt(self, loss: paddle.Tensor, first_order: bool | None = None) -> None:
         """One Meta-SGD step on every trainable parameter: ``w <- w - alpha_w * dloss/dw`` (elementwise).
 
         Args:
-            loss: a scalar loss computed with this task learner.
+            loss: a scalar loss computed with this task learner (one loss per task, shape ``[T]``, for a task
+                learner from ``clone(tasks=T)``).
             first_order: override the learner's ``first_order`` for this step.
 
         Raises:
