@@ -8,7 +8,10 @@ where a layer's ``T`` copies are one kernel call each:
 * a convolution (``nn.Conv1D/2D/3D``) becomes one convolution with ``T`` times the groups;
 * a batch norm (``nn.BatchNorm1D/2D/3D``) normalises ``T`` times the channels, so each task keeps its own batch
   statistics and its own running statistics;
-* a linear layer becomes one batched matrix product.
+* a linear layer becomes one batched matrix product;
+* a layer norm (``nn.LayerNorm``) normalises every sample as before and applies each task's affine transform;
+* an embedding (``nn.Embedding``) looks each task's ids up in its own table (one lookup in the ``T`` tables side by
+  side).
 
 Layers without parameters (activations, pooling, dropout, flatten) run unchanged, so they must treat samples
 independently, as they do in every model whose samples do not interact except through batch norm. Each task's
@@ -44,7 +47,7 @@ __all__ = ["BATCHED_LAYERS", "batched_forward", "check_tasks", "stack_parameters
 
 _CONVS = (nn.Conv1D, nn.Conv2D, nn.Conv3D)
 _NORMS = (nn.layer.norm._BatchNormBase,)
-BATCHED_LAYERS = _CONVS + (nn.Linear,) + _NORMS
+BATCHED_LAYERS = _CONVS + (nn.Linear, nn.LayerNorm, nn.Embedding) + _NORMS
 """The layer types whose parameters a batched task learner holds per task (channel-first layouts)."""
 
 
@@ -67,7 +70,10 @@ def _check_layers(layer: nn.Layer) -> None:
     unsupported, channel_last = [], []
     for name, sub in layer.named_sublayers(include_self=True):
         own = [key for key, p in sub._parameters.items() if p is not None and not p.stop_gradient]
-        if isinstance(sub, BATCHED_LAYERS):
+        if isinstance(sub, nn.Embedding) and own and (sub._sparse or sub._max_norm is not None
+                                                      or sub._scale_grad_by_freq):
+            unsupported.append(f"{name or '(the model)'} (Embedding with sparse, max_norm or scale_grad_by_freq)")
+        elif isinstance(sub, BATCHED_LAYERS):
             if _channel_last(sub) and (own or isinstance(sub, _NORMS)):
                 channel_last.append(f"{name or type(sub).__name__} ({type(sub).__name__}, {sub._data_format})")
         elif own:
@@ -230,6 +236,39 @@ def _norm(layer: nn.Layer, forward: Callable, tasks: int, name: str) -> Callable
     return run
 
 
+def _layer_norm(layer: nn.LayerNorm, forward: Callable, tasks: int) -> Callable:
+    def run(x: paddle.Tensor) -> paddle.Tensor:
+        normalized = list(layer._normalized_shape)
+        w, b = layer._parameters.get("weight"), layer._parameters.get("bias")   # [prod(normalized)] or [T, ...]
+        if all(p is None or p.ndim == 1 for p in (w, b)):
+            return forward(x)
+        with _swapped(layer, {key: None for key in ("weight", "bias") if key in layer._parameters}):
+            y = forward(x)                                    # every sample normalised, no affine transform
+        y = y.reshape([-1, tasks, *x.shape[1:]])              # [N, T, ..., *normalized]
+        shape = [1, tasks] + [1] * (x.ndim - 1 - len(normalized)) + normalized
+        if w is not None:
+            y = y * w.reshape(shape if w.ndim == 2 else normalized)
+        if b is not None:
+            y = y + b.reshape(shape if b.ndim == 2 else normalized)
+        return y.reshape(x.shape)
+    return run
+
+
+def _embedding(layer: nn.Embedding, forward: Callable, tasks: int) -> Callable:
+    def run(x: paddle.Tensor) -> paddle.Tensor:
+        w = layer._parameters["weight"]
+        if w.ndim == 2:
+            return forward(x)
+        rows = w.shape[1]
+        task_of_row = (paddle.arange(x.shape[0], dtype=x.dtype) % tasks).reshape([-1] + [1] * (x.ndim - 1))
+        y = paddle.nn.functional.embedding(x + task_of_row * rows, w.reshape([-1, w.shape[-1]]))
+        if layer._padding_idx is not None:                    # zero output (and so no gradient) for padding ids
+            pad = layer._padding_idx if layer._padding_idx >= 0 else rows + layer._padding_idx
+            y = y * (x != pad).unsqueeze(-1).astype(y.dtype)
+        return y
+    return run
+
+
 @contextlib.contextmanager
 def batched_forward(layer: nn.Layer, tasks: int) -> Iterator[None]:
     """Run ``layer``'s forward passes batched over ``tasks`` tasks while inside (restored on exit, error or not).
@@ -252,6 +291,10 @@ def batched_forward(layer: nn.Layer, tasks: int) -> Iterator[None]:
                 run = _conv(sub, forward, tasks)
             elif isinstance(sub, nn.Linear):
                 run = _linear(sub, forward, tasks)
+            elif isinstance(sub, nn.LayerNorm):
+                run = _layer_norm(sub, forward, tasks)
+            elif isinstance(sub, nn.Embedding):
+                run = _embedding(sub, forward, tasks)
             else:
                 run = _norm(sub, forward, tasks, name)
             swapped.append((sub, sub.__dict__.get("forward")))

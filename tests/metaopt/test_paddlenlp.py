@@ -80,3 +80,29 @@ def test_anil_on_ernie_model_features_and_a_linear_head(first_order):
 
     for eps, report in _check_both_step_sizes(factory, coordinates=2):
         assert report.ok != first_order, f"eps {eps}, first_order {first_order}\n{report}"
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_unchanged_ernie_adapts_a_batch_of_tasks_as_separate_clones(first_order):
+    """clone(tasks=3) on ErnieForSequenceClassification (embeddings, layer norms, attention's linear layers): the
+    meta-gradient equals the loop of one clone per task (no dropout, so both see the same function)."""
+    paddle.seed(3)
+    learner = MAML(ErnieForSequenceClassification(_config(0.0)), inner_lr=0.5, first_order=first_order)
+    tasks = [_task(seed) for seed in range(3)]
+    xs, ys, xq, yq = (paddle.stack([task[i] for task in tasks]) for i in range(4))
+    params = [p for p in learner.parameters() if not p.stop_gradient]
+    batched = learner.clone(tasks=3)
+    for _ in range(2):
+        batched.adapt(F.cross_entropy(batched(xs), ys, reduction="none").mean(axis=1))
+    got = paddle.grad(F.cross_entropy(batched(xq), yq), params)
+    losses = []
+    for x_s, y_s, x_q, y_q in tasks:
+        clone = learner.clone()
+        for _ in range(2):
+            clone.adapt(F.cross_entropy(clone(x_s), y_s))
+        losses.append(F.cross_entropy(clone(x_q), y_q))
+    want = paddle.grad(paddle.stack(losses).mean(), params)
+    scale = max(float(w.abs().max()) for w in want)
+    assert scale > 0
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0, atol=1e-10 * scale)

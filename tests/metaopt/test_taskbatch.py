@@ -51,6 +51,33 @@ class _Tokens(nn.Layer):
         return self.out(h.mean(axis=1))
 
 
+class _Words(nn.Layer):
+    """Token ids (0 is padding) through an embedding and a layer norm over ``[N, L, D]``, pooled, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6, padding_idx=0)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.out(paddle.tanh(self.norm(self.embed(ids))).mean(axis=1))
+
+
+class _Norms(nn.Layer):
+    """Layer norms over the last one and two axes (one without a bias) of ``[N, L, F]`` samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(5, 6)
+        self.norm = nn.LayerNorm(6, bias_attr=False)
+        self.norm2 = nn.LayerNorm([4, 6])
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(paddle.tanh(self.norm2(self.norm(self.inner(x)))).mean(axis=1))
+
+
 MODELS = {
     "conv_bn": (_conv_bn, [2, 8, 8]),
     "grouped": (_grouped, [2, 8, 8]),
@@ -58,6 +85,8 @@ MODELS = {
     "conv3d": (_conv3d, [1, 4, 4, 4]),
     "tokens": (_Tokens, [4, 5]),
     "mlp": (lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), [6]),
+    "layer_norm": (_Norms, [4, 5]),
+    "words": (_Words, "ids"),
 }
 
 LEARNERS = {
@@ -71,8 +100,12 @@ LEARNERS = {
 
 def _data(shape, n=4, seed=0, dtype="float64"):
     rng = np.random.default_rng(seed)
-    xs = paddle.to_tensor(rng.standard_normal([TASKS, n, *shape]), dtype=dtype)
-    xq = paddle.to_tensor(rng.standard_normal([TASKS, n, *shape]), dtype=dtype)
+    if shape == "ids":   # token ids of 5 positions, about one in four the padding id 0
+        xs, xq = (paddle.to_tensor(rng.integers(0, 11, [TASKS, n, 5]) * (rng.random([TASKS, n, 5]) > 0.25))
+                  for _ in range(2))
+    else:
+        xs = paddle.to_tensor(rng.standard_normal([TASKS, n, *shape]), dtype=dtype)
+        xq = paddle.to_tensor(rng.standard_normal([TASKS, n, *shape]), dtype=dtype)
     ys = paddle.to_tensor(rng.integers(0, 3, [TASKS, n]))
     yq = paddle.to_tensor(rng.integers(0, 3, [TASKS, n]))
     return xs, ys, xq, yq
@@ -266,7 +299,8 @@ def test_inputs_need_the_task_axis_first():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: MAML(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), 0.1), r"\['1 \(LayerNorm\)'\] hold trainable"),
+    (lambda: MAML(nn.Sequential(nn.Conv2D(2, 4, 3), nn.GroupNorm(2, 4)), 0.1), r"\['1 \(GroupNorm\)'\] hold trainable"),
+    (lambda: MAML(nn.Embedding(5, 3, sparse=True), 0.1), r"Embedding with sparse, max_norm or scale_grad_by_freq"),
     (lambda: MAML(nn.Sequential(nn.Conv2D(2, 2, 3, data_format="NHWC")), 0.1), "channel-last layout"),
     (lambda: MAML(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1D(4)), 0.1, batch_norm="shared"),
      "batch_norm='shared'"),
