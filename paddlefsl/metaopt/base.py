@@ -381,7 +381,7 @@ class BaseLearner(nn.Layer, metaclass=abc.ABCMeta):
             for sub in batch_norms(cloned):
                 sub._use_global_stats = True
         if tasks is not None:
-            taskbatch.stack_parameters(cloned, tasks)
+            taskbatch.stack_parameters(cloned, tasks, _running_statistics(cloned))
         scope.track_layers(cloned)
         return cloned
 

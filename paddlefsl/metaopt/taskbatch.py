@@ -88,7 +88,7 @@ def _check_layers(layer: nn.Layer) -> None:
                          "instead (learner.clone())")
 
 
-def stack_parameters(layer: nn.Layer, tasks: int) -> None:
+def stack_parameters(layer: nn.Layer, tasks: int, statistics: set[int]) -> None:
     """Give a cloned layer tree one copy of its state per task, in place (the clone is the caller's own).
 
     Each trainable parameter ``w`` becomes ``w`` expanded to ``[tasks, *w.shape]`` (graph-connected: the gradient of
@@ -99,20 +99,18 @@ def stack_parameters(layer: nn.Layer, tasks: int) -> None:
         layer: a clone (`paddlefsl.metaopt.clone_model`) whose layers are all in `BATCHED_LAYERS` or hold no
             trainable parameters.
         tasks: the number of tasks.
+        statistics: the ids of ``layer``'s batch-norm running statistics (Paddle keeps them as frozen parameters).
 
     Raises:
         ValueError: if a layer with trainable parameters is not in `BATCHED_LAYERS`, or uses a channel-last layout.
     """
     _check_layers(layer)
     slots = ParameterSlots(layer)
-    norms = [sub for _, sub in layer.named_sublayers(include_self=True) if isinstance(sub, _NORMS)]
-    stats = {id(sub._parameters[key]) for sub in norms for key in ("_mean", "_variance")
-             if sub._parameters.get(key) is not None}
     stacked = []
     for p in slots.tensors:
         if not p.stop_gradient:
             stacked.append(p.unsqueeze(0).expand([tasks, *p.shape]))
-        elif id(p) in stats:
+        elif id(p) in statistics:
             stacked.append(paddle.tile(p.detach(), [tasks]))
         else:
             stacked.append(None)
@@ -173,6 +171,11 @@ def _ungrouped(y: paddle.Tensor, tasks: int) -> paddle.Tensor:
     return y.reshape([y.shape[0] * tasks, -1, *y.shape[2:]])
 
 
+def _side_by_side(p: paddle.Tensor, tasks: int) -> paddle.Tensor:
+    """A channel vector for ``tasks * C`` channels: per-task ``[tasks, C]`` flattened, or a shared ``[C]`` repeated."""
+    return p.reshape([-1]) if p.ndim == 2 else paddle.tile(p, [tasks])
+
+
 @contextlib.contextmanager
 def _swapped(layer: nn.Layer, params: dict[str, paddle.Tensor | None], **attrs: Any) -> Iterator[None]:
     old_params = {key: layer._parameters[key] for key in params}
@@ -195,7 +198,7 @@ def _conv(layer: nn.Layer, forward: Callable, tasks: int) -> Callable:
             return forward(x)
         params = {"weight": w.reshape([-1, *w.shape[2:]])}
         if b is not None:
-            params["bias"] = b.reshape([-1]) if b.ndim == 2 else b.unsqueeze(0).expand([tasks, -1]).reshape([-1])
+            params["bias"] = _side_by_side(b, tasks)
         with _swapped(layer, params, _groups=layer._groups * tasks):
             return _ungrouped(forward(_regrouped(x, tasks)), tasks)
     return run
@@ -230,7 +233,7 @@ def _norm(layer: nn.Layer, forward: Callable, tasks: int, name: str) -> Callable
         for key in ("weight", "bias"):
             p = layer._parameters.get(key)
             if p is not None:
-                params[key] = p.reshape([-1]) if p.ndim == 2 else paddle.tile(p, [tasks])
+                params[key] = _side_by_side(p, tasks)
         with _swapped(layer, params):
             return _ungrouped(forward(_regrouped(x, tasks)), tasks)
     return run

@@ -89,8 +89,9 @@ def self_check_failures() -> list[tuple]:
 
 def conv2d_supported(x: paddle.Tensor, w: paddle.Tensor, dilation: Sequence[int], groups: int,
                      channel_last: bool, macs: int) -> bool:
-    """Whether a 2-D convolution of ``x`` (input or output gradient) with weight ``w`` goes to oneDNN."""
-    return (_enabled and not channel_last and int(groups) >= 1 and all(int(d) == 1 for d in dilation)
+    """Whether a 2-D convolution of ``x`` (input or output gradient) with weight ``w`` goes to oneDNN (``groups``
+    takes any value: oneDNN runs grouped convolutions too)."""
+    return (_enabled and not channel_last and all(int(d) == 1 for d in dilation)
             and x.ndim == 4 and x.dtype == paddle.float32 and w.dtype == paddle.float32
             and x.place.is_cpu_place() and w.place.is_cpu_place() and macs >= MIN_MACS and onednn.available())
 
