@@ -76,12 +76,13 @@ def _check_layers(layer: nn.Layer) -> None:
         elif isinstance(sub, BATCHED_LAYERS):
             if _channel_last(sub) and (own or isinstance(sub, _NORMS)):
                 channel_last.append(f"{name or type(sub).__name__} ({type(sub).__name__}, {sub._data_format})")
-        elif own:
+        elif own or isinstance(sub, nn.BatchNorm):   # the old-style batch norm: batch statistics would mix tasks
             unsupported.append(f"{name or '(the model)'} ({type(sub).__name__})")
     if unsupported:
-        raise ValueError(f"clone(tasks=...): the layers {unsupported} hold trainable parameters, and a batched task "
-                         f"learner runs per-task parameters only in {[t.__name__ for t in BATCHED_LAYERS]}; clone "
-                         "one learner per task instead (learner.clone())")
+        raise ValueError(f"clone(tasks=...): the layers {unsupported} hold trainable parameters or batch statistics, "
+                         f"and a batched task learner runs them per task only in "
+                         f"{[t.__name__ for t in BATCHED_LAYERS]}; clone one learner per task instead "
+                         "(learner.clone())")
     if channel_last:
         raise ValueError(f"clone(tasks=...): the layers {channel_last} use a channel-last layout, and a batched task "
                          "learner supports channel-first layouts only (NCL, NCHW, NCDHW); clone one learner per task "

@@ -300,6 +300,9 @@ def test_inputs_need_the_task_axis_first():
 
 @pytest.mark.parametrize("make,match", [
     (lambda: MAML(nn.Sequential(nn.Conv2D(2, 4, 3), nn.GroupNorm(2, 4)), 0.1), r"\['1 \(GroupNorm\)'\] hold trainable"),
+    (lambda: MAML(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm(3, param_attr=paddle.ParamAttr(trainable=False),
+                                                               bias_attr=paddle.ParamAttr(trainable=False))),
+                  0.1, allow_nograd=True), r"\['1 \(BatchNorm\)'\] hold trainable parameters or batch statistics"),
     (lambda: MAML(nn.Embedding(5, 3, sparse=True), 0.1), r"Embedding with sparse, max_norm or scale_grad_by_freq"),
     (lambda: MAML(nn.Sequential(nn.Conv2D(2, 2, 3, data_format="NHWC")), 0.1), "channel-last layout"),
     (lambda: MAML(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1D(4)), 0.1, batch_norm="shared"),
