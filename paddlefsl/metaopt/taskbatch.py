@@ -48,7 +48,14 @@ __all__ = ["BATCHED_LAYERS", "batched_forward", "check_tasks", "stack_parameters
 _CONVS = (nn.Conv1D, nn.Conv2D, nn.Conv3D)
 _NORMS = (nn.layer.norm._BatchNormBase,)
 BATCHED_LAYERS = _CONVS + (nn.Linear, nn.LayerNorm, nn.Embedding) + _NORMS
-"""The layer types whose parameters a batched task learner holds per task (channel-first layouts)."""
+"""The layer types whose parameters a batched task learner holds per task (channel-first layouts, Paddle's own
+``forward``)."""
+_STOCK_FORWARDS = frozenset(cls.forward for cls in BATCHED_LAYERS)
+
+
+def _stock(layer: nn.Layer) -> bool:
+    """Whether ``layer`` computes with its class's Paddle ``forward`` (not a subclass's or an instance's own)."""
+    return "forward" not in layer.__dict__ and type(layer).forward in _STOCK_FORWARDS
 
 
 def check_tasks(tasks: object) -> int:
@@ -67,12 +74,14 @@ def _channel_last(layer: nn.Layer) -> bool:
 
 def _check_layers(layer: nn.Layer) -> None:
     """Raise a ValueError naming every sublayer a batched forward cannot run per task."""
-    unsupported, channel_last = [], []
+    unsupported, channel_last, custom = [], [], []
     for name, sub in layer.named_sublayers(include_self=True):
         own = [key for key, p in sub._parameters.items() if p is not None and not p.stop_gradient]
         if isinstance(sub, nn.Embedding) and own and (sub._sparse or sub._max_norm is not None
                                                       or sub._scale_grad_by_freq):
             unsupported.append(f"{name or '(the model)'} (Embedding with sparse, max_norm or scale_grad_by_freq)")
+        elif isinstance(sub, BATCHED_LAYERS) and not _stock(sub) and (own or isinstance(sub, _NORMS)):
+            custom.append(f"{name or '(the model)'} ({type(sub).__name__})")
         elif isinstance(sub, BATCHED_LAYERS):
             if _channel_last(sub) and (own or isinstance(sub, _NORMS)):
                 channel_last.append(f"{name or type(sub).__name__} ({type(sub).__name__}, {sub._data_format})")
@@ -83,6 +92,11 @@ def _check_layers(layer: nn.Layer) -> None:
                          f"and a batched task learner runs them per task only in "
                          f"{[t.__name__ for t in BATCHED_LAYERS]}; clone one learner per task instead "
                          "(learner.clone())")
+    if custom:
+        raise ValueError(f"clone(tasks=...): the layers {custom} replace Paddle's forward (a subclass or an instance "
+                         "that defines its own), and a batched task learner computes per-task parameters and batch "
+                         "statistics with Paddle's own forward of each layer type, which would ignore the "
+                         "replacement; clone one learner per task instead (learner.clone())")
     if channel_last:
         raise ValueError(f"clone(tasks=...): the layers {channel_last} use a channel-last layout, and a batched task "
                          "learner supports channel-first layouts only (NCL, NCHW, NCDHW); clone one learner per task "
@@ -279,7 +293,9 @@ def batched_forward(layer: nn.Layer, tasks: int) -> Iterator[None]:
 
     Each layer of `BATCHED_LAYERS` in the tree computes with its per-task parameters (``[tasks, *shape]``, from
     `stack_parameters`) on sample-major inputs (``[N * tasks, ...]``, see `to_samples`); a convolution or linear
-    layer whose weight has no task axis (shared by the tasks) runs as it is.
+    layer whose weight has no task axis (shared by the tasks), and a layer with a forward of its own (which
+    `stack_parameters` leaves without per-task state), runs as it is; a shared batch norm must not mix the tasks'
+    batch statistics (eval mode or global statistics).
 
     Args:
         layer: a layer tree prepared by `stack_parameters` (or sharing unbatched layers, as ANIL's features).
@@ -288,8 +304,8 @@ def batched_forward(layer: nn.Layer, tasks: int) -> Iterator[None]:
     swapped = []
     try:
         for name, sub in layer.named_sublayers(include_self=True):
-            if not isinstance(sub, BATCHED_LAYERS):
-                continue
+            if not isinstance(sub, BATCHED_LAYERS) or not (_stock(sub) or isinstance(sub, _NORMS)):
+                continue          # (a batch norm of its own still gets `_norm`'s check against mixing the tasks)
             forward = sub.forward
             if isinstance(sub, _CONVS):
                 run = _conv(sub, forward, tasks)

@@ -316,6 +316,53 @@ def test_what_cannot_be_batched_is_named(make, match):
         make().clone(tasks=2)
 
 
+class _Doubled(nn.Linear):
+    """A linear layer with a forward of its own, as PaddleNLP's LoRA layers subclass ``nn.Linear``."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _OwnNorm(nn.BatchNorm1D):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def _own_instance_forward() -> nn.Layer:
+    layer = nn.Linear(6, 3)
+    stock = layer.forward
+    layer.forward = lambda x: stock(x) * 2.0      # defined on the instance, shadowing Linear.forward
+    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), layer)
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: nn.Sequential(nn.Linear(6, 6), nn.Tanh(), _Doubled(6, 3)), r"2 \(_Doubled\)"),
+    (_own_instance_forward, r"2 \(Linear\)"),
+    (lambda: nn.Sequential(nn.Linear(6, 6), _OwnNorm(6, weight_attr=False, bias_attr=False), nn.Linear(6, 3)),
+     r"1 \(_OwnNorm\)"),   # no trainable parameters, but per-task batch statistics
+])
+def test_a_layer_with_a_forward_of_its_own_is_refused_not_ignored(make, name):
+    # The batched learner computes each layer type with Paddle's forward; it ran these models silently without the
+    # override (a doubled output, a shifted normalisation) before the check.
+    with pytest.raises(ValueError, match=name + r"'\] replace Paddle's forward .* clone one learner per task"):
+        MAML(make(), 0.3).clone(tasks=2)
+
+
+def test_a_frozen_layer_with_a_forward_of_its_own_runs_as_it_is():
+    paddle.seed(1)
+    frozen = _Doubled(8, 3)
+    for p in frozen.parameters():
+        p.stop_gradient = True
+    learner = MAML(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), frozen), 0.3, allow_nograd=True)
+    learner.to(dtype="float64")
+    data = _data([6])
+    batched, _ = _batched_loss(learner, data)
+    loop, _ = _loop_loss(learner, data)
+    np.testing.assert_allclose(float(batched), float(loop), rtol=1e-10)
+    for g, w in zip(_meta_gradient(learner, batched), _meta_gradient(learner, loop)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
+
+
 def test_a_batched_task_learner_is_not_batched_again():
     task = _make("mlp", "maml").clone(tasks=TASKS)
     with pytest.raises(ValueError, match="already cloned for 3 tasks"):
