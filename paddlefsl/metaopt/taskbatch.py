@@ -81,7 +81,10 @@ def _check_layers(layer: nn.Layer) -> None:
                                                       or sub._scale_grad_by_freq):
             unsupported.append(f"{name or '(the model)'} (Embedding with sparse, max_norm or scale_grad_by_freq)")
         elif isinstance(sub, BATCHED_LAYERS) and not _stock(sub) and (own or isinstance(sub, _NORMS)):
-            custom.append(f"{name or '(the model)'} ({type(sub).__name__})")
+            custom.append(f"{name or '(the model)'} ({type(sub).__name__} with a forward of its own)")
+        elif isinstance(sub, BATCHED_LAYERS) and set(own) - {"weight", "bias"}:
+            extra = sorted(set(own) - {"weight", "bias"})
+            custom.append(f"{name or '(the model)'} ({type(sub).__name__} with parameters {extra})")
         elif isinstance(sub, BATCHED_LAYERS):
             if _channel_last(sub) and (own or isinstance(sub, _NORMS)):
                 channel_last.append(f"{name or type(sub).__name__} ({type(sub).__name__}, {sub._data_format})")
@@ -93,10 +96,12 @@ def _check_layers(layer: nn.Layer) -> None:
                          f"{[t.__name__ for t in BATCHED_LAYERS]}; clone one learner per task instead "
                          "(learner.clone())")
     if custom:
-        raise ValueError(f"clone(tasks=...): the layers {custom} replace Paddle's forward (a subclass or an instance "
-                         "that defines its own), and a batched task learner computes per-task parameters and batch "
-                         "statistics with Paddle's own forward of each layer type, which would ignore the "
-                         "replacement; clone one learner per task instead (learner.clone())")
+        raise ValueError(f"clone(tasks=...): the layers {'; '.join(custom)} compute otherwise than Paddle's forward "
+                         "of their type (a forward defined by a subclass or on the instance, or parameters that "
+                         "forward does not read, such as weight_norm's weight_g and weight_v), and a batched task "
+                         "learner computes per-task parameters and batch statistics with Paddle's own forward of "
+                         "each layer type, which would ignore the difference; clone one learner per task instead "
+                         "(learner.clone())")
     if channel_last:
         raise ValueError(f"clone(tasks=...): the layers {channel_last} use a channel-last layout, and a batched task "
                          "learner supports channel-first layouts only (NCL, NCHW, NCDHW); clone one learner per task "

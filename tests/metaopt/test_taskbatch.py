@@ -336,15 +336,18 @@ def _own_instance_forward() -> nn.Layer:
 
 
 @pytest.mark.parametrize("make,name", [
-    (lambda: nn.Sequential(nn.Linear(6, 6), nn.Tanh(), _Doubled(6, 3)), r"2 \(_Doubled\)"),
-    (_own_instance_forward, r"2 \(Linear\)"),
+    (lambda: nn.Sequential(nn.Linear(6, 6), nn.Tanh(), _Doubled(6, 3)), r"2 \(_Doubled with a forward of its own\)"),
+    (_own_instance_forward, r"2 \(Linear with a forward of its own\)"),
     (lambda: nn.Sequential(nn.Linear(6, 6), _OwnNorm(6, weight_attr=False, bias_attr=False), nn.Linear(6, 3)),
-     r"1 \(_OwnNorm\)"),   # no trainable parameters, but per-task batch statistics
+     r"1 \(_OwnNorm with a forward of its own\)"),   # no trainable parameters, but per-task batch statistics
+    (lambda: nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.utils.weight_norm(nn.Linear(6, 3))),
+     r"2 \(Linear with parameters \['weight_g', 'weight_v'\]\)"),
 ])
-def test_a_layer_with_a_forward_of_its_own_is_refused_not_ignored(make, name):
-    # The batched learner computes each layer type with Paddle's forward; it ran these models silently without the
-    # override (a doubled output, a shifted normalisation) before the check.
-    with pytest.raises(ValueError, match=name + r"'\] replace Paddle's forward .* clone one learner per task"):
+def test_a_layer_that_computes_otherwise_than_paddles_forward_is_refused(make, name):
+    # The batched learner computes each layer type with Paddle's forward; it ran the first three models silently
+    # without the override (a doubled output, a shifted normalisation) and failed deep inside on weight_norm's
+    # parameters (KeyError 'weight') before the check.
+    with pytest.raises(ValueError, match=name + r" compute otherwise than Paddle's forward .* clone one learner"):
         MAML(make(), 0.3).clone(tasks=2)
 
 
