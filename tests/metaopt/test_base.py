@@ -401,22 +401,35 @@ def _conv_net():
 _SYNC_METHODS = ("item", "numpy", "tolist", "__float__", "__int__", "__bool__", "__index__", "__array__")
 
 
+@pytest.mark.parametrize("tasks", [None, 2])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("model", ["mlp", "conv"])
 @pytest.mark.parametrize("learner", ["MAML", "MetaSGD", "ANIL"])
-def test_adapt_copies_from_the_device_once(learner, model, first_order, monkeypatch):
-    """One device-to-host synchronisation per adapt call, however many parameters (so a GPU is not stalled)."""
+def test_adapt_copies_from_the_device_once(learner, model, first_order, tasks, monkeypatch):
+    """One device-to-host synchronisation per adapt call, however many parameters and tasks (so a GPU is not
+    stalled)."""
     from paddlefsl.metaopt import ANIL, MetaSGD
     if model == "mlp":
         net, x, y = mlp(), paddle.randn([5, 1], dtype="float64"), paddle.randn([5, 1], dtype="float64")
     else:
         net, x, y = _conv_net(), paddle.randn([3, 1, 6, 6]), paddle.randn([3, 2])
     if learner == "ANIL":
-        task = ANIL(net[:-1], net[-1], 0.1, first_order=first_order).clone()
+        meta = ANIL(net[:-1], net[-1], 0.1, first_order=first_order)
+        if tasks is not None:
+            meta.model.features[1].eval()   # a batch norm shared by batched tasks must not mix their statistics
     else:
-        task = {"MAML": MAML, "MetaSGD": MetaSGD}[learner](net, 0.1, first_order=first_order).clone()
-    task.adapt(F.mse_loss(task(x), y))  # warm-up: one-time self-checks may read values
-    loss = F.mse_loss(task(x), y)
+        meta = {"MAML": MAML, "MetaSGD": MetaSGD}[learner](net, 0.1, first_order=first_order)
+    task = meta.clone(tasks=tasks)
+    if tasks is None:
+        def task_loss():
+            return F.mse_loss(task(x), y)
+    else:   # each input with the task axis first, one loss per task
+        x, y = paddle.stack([x] * tasks), paddle.stack([y] * tasks)
+
+        def task_loss():
+            return ((task(x) - y) ** 2).reshape([tasks, -1]).mean(axis=1)
+    task.adapt(task_loss())  # warm-up: one-time self-checks may read values
+    loss = task_loss()
     calls = []
     for name in _SYNC_METHODS:
         original = getattr(paddle.Tensor, name, None)
