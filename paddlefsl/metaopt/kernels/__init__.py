@@ -12,6 +12,9 @@ kernel:
 * float32 tensors on the CPU, NCHW, dilation 1 (any number of groups);
 * the convolution is large enough (`MIN_MACS` multiply-adds): below that, oneDNN's per-call overhead (about
   0.1 ms through ``ctypes``) costs more than Paddle's kernel;
+* oneDNN has a JIT-compiled implementation for that shape on this CPU: its reference implementations (plain
+  loops, such as max pooling on the NCHW layout without AVX-512, 4 times slower than Paddle's kernel) are declined
+  quietly (`reference_only` lists them);
 * the plan for that shape passed its one-time self-check: its first result is compared with Paddle's own kernel on
   the same inputs, each output within `SELF_CHECK_RTOL` of the magnitudes summed into it; a plan that disagrees is
   never used (a warning says so).
@@ -38,7 +41,7 @@ from paddlefsl.metaopt.kernels.allocator import memory_reuse_applied, memory_reu
 __all__ = ["MIN_MACS", "SELF_CHECK_RTOL", "fast_kernels_enabled", "set_fast_kernels", "conv2d", "conv2d_backward_data",
            "conv2d_backward_weights", "conv2d_supported", "max_pool2d", "max_pool2d_backward", "max_pool2d_index",
            "max_pool2d_supported", "MIN_POOL_NUMEL", "memory_reuse_applied", "memory_reuse_enabled",
-           "self_check_failures", "set_memory_reuse"]
+           "reference_only", "self_check_failures", "set_memory_reuse"]
 
 ENV = "PADDLEFSL_FAST_KERNELS"
 MIN_MACS = 1 << 20
@@ -49,6 +52,7 @@ MIN_POOL_NUMEL = 1 << 15
 
 _enabled = os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 _checked: dict = {}
+_declined: set = set()
 
 
 def fast_kernels_enabled() -> bool:
@@ -84,7 +88,13 @@ def set_fast_kernels(enabled: bool) -> bool:
 
 def self_check_failures() -> list[tuple]:
     """The plans whose self-check against Paddle's kernel failed (each is then never used)."""
-    return [key for key, ok in _checked.items() if not ok]
+    return [key for key, ok in _checked.items() if not ok and key not in _declined]
+
+
+def reference_only() -> list[tuple]:
+    """The kernels and shapes for which oneDNN has only a reference (not JIT-compiled) implementation on this CPU,
+    which the fast path declines: Paddle's kernel runs them (2-D max pooling on a CPU without AVX-512, say)."""
+    return [key for key in _checked if key in _declined]
 
 
 def conv2d_supported(x: paddle.Tensor, w: paddle.Tensor, dilation: Sequence[int], groups: int,
@@ -104,6 +114,10 @@ def _self_checked(key: tuple, fast: Callable[[], Any], agrees: Callable[[Any], b
         return None
     try:
         value = fast()
+    except onednn.ReferenceImplementation:   # slower than Paddle's kernel: declined quietly, for good
+        _checked[key] = False
+        _declined.add(key)
+        return None
     except RuntimeError as error:  # oneDNN refused the geometry: Paddle's kernel for this shape from now on
         _checked[key] = False
         warnings.warn(f"oneDNN kernel {key[0]} for shapes {key[1:]} failed ({error}); using Paddle's kernel",
@@ -162,7 +176,7 @@ def conv2d(x: paddle.Tensor, w: paddle.Tensor, stride: Sequence[int], pads: Sequ
            reference: Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor], groups: int = 1) -> paddle.Tensor:
     """Forward convolution on oneDNN (check `conv2d_supported` first); ``reference(x, w)`` is Paddle's."""
     key = ("conv2d", tuple(x.shape), tuple(w.shape), tuple(stride), tuple(pads), groups)
-    return _checked_call(key, lambda: onednn.conv2d_forward(_contiguous(x), _contiguous(w), stride, pads, groups),
+    return _checked_call(key, lambda: onednn.conv2d_forward(_contiguous(x), _contiguous(w), stride, pads, groups, True),
                          reference, (x, w))
 
 
@@ -174,7 +188,7 @@ def conv2d_backward_data(gy: paddle.Tensor, w: paddle.Tensor, x_shape: Sequence[
     key = ("conv2d_backward_data", tuple(gy.shape), tuple(w.shape), tuple(x_shape), tuple(stride), tuple(pads),
            groups)
     return _checked_call(key, lambda: onednn.conv2d_backward_data(_contiguous(gy), _contiguous(w), x_shape, stride,
-                                                                  pads, groups), reference, (gy, w))
+                                                                  pads, groups, True), reference, (gy, w))
 
 
 def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequence[int], stride: Sequence[int],
@@ -185,7 +199,7 @@ def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequen
     key = ("conv2d_backward_weights", tuple(x.shape), tuple(gy.shape), tuple(w_shape), tuple(stride), tuple(pads),
            groups)
     return _checked_call(key, lambda: onednn.conv2d_backward_weights(_contiguous(x), _contiguous(gy), w_shape,
-                                                                     stride, pads, groups), reference, (x, gy))
+                                                                     stride, pads, groups, True), reference, (x, gy))
 
 
 def max_pool2d_supported(x: paddle.Tensor) -> bool:
@@ -239,7 +253,7 @@ def max_pool2d(x: paddle.Tensor, kernel: Sequence[int], stride: Sequence[int], p
         want = reference()
         return list(want.shape) == list(y.shape) and bool((want == y).all()) and bool((picked == y).all())
 
-    return _self_checked(key, lambda: onednn.max_pool2d_forward(x, kernel, stride, pads), agrees)
+    return _self_checked(key, lambda: onednn.max_pool2d_forward(x, kernel, stride, pads, True), agrees)
 
 
 def max_pool2d_backward(gy: paddle.Tensor, ws: paddle.Tensor, x_shape: Sequence[int], kernel: Sequence[int],

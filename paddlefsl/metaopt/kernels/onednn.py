@@ -28,7 +28,7 @@ from typing import Sequence
 
 import paddle
 
-__all__ = ["available", "load_error", "Conv2dPlan", "MaxPool2dPlan", "ReluPlan", "conv2d_forward",
+__all__ = ["available", "load_error", "ReferenceImplementation", "implementation", "is_reference", "Conv2dPlan", "MaxPool2dPlan", "ReluPlan", "conv2d_forward",
            "conv2d_backward_data", "conv2d_backward_weights", "max_pool2d_forward", "max_pool2d_backward",
            "relu_forward", "relu_backward", "BatchNormPlan", "batch_norm_forward", "batch_norm_backward",
            "version"]
@@ -52,6 +52,7 @@ _QUERY = {"src": 129, "diff_src": 130, "weights": 131, "diff_weights": 132, "dst
 _ARG = {"src": 1, "dst": 17, "weights": 33, "workspace": 64, "diff_src": 129, "diff_dst": 145, "diff_weights": 161}
 _ARG.update({"mean": 49, "variance": 50, "scale": 51, "shift": 52, "diff_scale": 255, "diff_shift": 256})
 _BACKWARD = 128
+_QUERY_IMPL_INFO_STR = 8
 _USE_SCALE_SHIFT = 0x2 | 0x4
 _ARG_FROM, _ARG_TO = 1, 17
 
@@ -166,6 +167,9 @@ class Conv2dPlan:
         groups: the number of channel groups (``w_shape`` is then ``[O, C / groups, kh, kw]``, Paddle's layout,
             which is oneDNN's plain grouped layout ``[groups, O / groups, C / groups, kh, kw]`` in memory).
 
+    Attributes:
+        implementation: a one-element tuple, the name of the implementation oneDNN chose (see `is_reference`).
+
     Raises:
         RuntimeError: if oneDNN refuses the geometry.
     """
@@ -200,6 +204,7 @@ class Conv2dPlan:
             roles = [("x", "src", True), ("y", "diff_dst", True), ("w", "diff_weights", False)]
         else:
             raise ValueError(f"direction must be forward, backward_data or backward_weights, got {direction!r}")
+        self.implementation = (implementation(lib, pd),)
         self.operands = {}
         for key, role, is_input in roles:
             chosen = lib.lib.dnnl_primitive_desc_query_md(pd, _QUERY[role], 0)
@@ -244,6 +249,34 @@ class _PlainPrimitive:
         lib.check(lib.lib.dnnl_stream_wait(lib.stream), "stream_wait")
 
 
+class ReferenceImplementation(RuntimeError):
+    """oneDNN has only a reference implementation (not JIT-compiled for this CPU) of a primitive: a plain loop that
+    can be several times slower than Paddle's own kernel (2-D max pooling on the plain NCHW layout of a CPU without
+    AVX-512: 161 ms against Paddle's 42 ms at ``[75, 32, 84, 84]``), so the fast path declines it."""
+
+
+def implementation(lib: _Library, pd: _vp) -> str:
+    """The name oneDNN gives the implementation it chose for the primitive descriptor ``pd`` (``"jit:avx2"``,
+    ``"brg_conv_fwd:avx512_core"``, ``"simple_nchw:any"``, ``"ref:any"``, ...)."""
+    name = ctypes.c_char_p()
+    lib.check(lib.lib.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO_STR, 0, ctypes.byref(name)),
+              "primitive_desc_query(impl_info_str)")
+    return (name.value or b"").decode()
+
+
+def is_reference(name: str) -> bool:
+    """Whether an implementation name is one of oneDNN's reference (not JIT-compiled) implementations."""
+    kind = name.split(":", 1)[0]
+    return kind.startswith(("ref", "simple")) or name.endswith(":ref")
+
+
+def _require_accelerated(plan: "Conv2dPlan | MaxPool2dPlan", what: str) -> None:
+    """Raise `ReferenceImplementation` if one of ``plan``'s primitives is a reference implementation."""
+    slow = [name for name in plan.implementation if is_reference(name)]
+    if slow:
+        raise ReferenceImplementation(f"oneDNN has only its reference implementation {slow[0]!r} of {what} here")
+
+
 def _require_plain(lib: _Library, pd: _vp, role: str, plain_md: _vp) -> None:
     """Raise if the primitive ``pd`` wants another layout than the plain one for ``role``."""
     chosen = _vp(lib.lib.dnnl_primitive_desc_query_md(pd, _QUERY[role], 0))
@@ -263,6 +296,9 @@ class MaxPool2dPlan:
         pads: ``[top, bottom, left, right]`` (bottom and right may include the extra row and column of
             ``ceil_mode``).
 
+    Attributes:
+        implementation: the names of the implementations oneDNN chose (forward, backward), see `is_reference`.
+
     Raises:
         RuntimeError: if oneDNN refuses the geometry or wants another layout than the plain one.
     """
@@ -275,31 +311,37 @@ class MaxPool2dPlan:
                         conv_out_size(w, kernel[1], stride[1], pads[2], pads[3])]
         x_md, y_md = lib.plain_md(self.x_shape), lib.plain_md(self.y_shape)
         geometry = (_Dims(*stride), _Dims(*kernel), _Dims(0, 0), _Dims(pads[0], pads[2]), _Dims(pads[1], pads[3]))
-        fwd = _vp()
-        lib.check(lib.lib.dnnl_pooling_forward_primitive_desc_create(
-            ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, _POOLING_MAX, x_md, y_md, *geometry, None),
-            "pooling_forward_primitive_desc_create")
-        for role, md in (("src", x_md), ("dst", y_md)):
-            _require_plain(lib, fwd, role, md)
-        ws_md = _vp(lib.lib.dnnl_primitive_desc_query_md(fwd, _QUERY["workspace"], 0))
-        for code in (_U8, _S32):
-            if lib.lib.dnnl_memory_desc_equal(ws_md, lib.plain_md(self.y_shape, code)):
-                self.workspace_dtype = _DTYPES[code]
-                break
-        else:
-            raise RuntimeError("oneDNN's max-pooling workspace is not a plain integer tensor shaped like the output")
-        bwd = _vp()
-        lib.check(lib.lib.dnnl_pooling_backward_primitive_desc_create(
-            ctypes.byref(bwd), lib.engine, _POOLING_MAX, x_md, y_md, *geometry, fwd, None),
-            "pooling_backward_primitive_desc_create")
-        for role, md in (("diff_src", x_md), ("diff_dst", y_md)):
-            _require_plain(lib, bwd, role, md)
-        self.forward = _PlainPrimitive(lib, fwd, {"x": (_ARG["src"], x_md), "y": (_ARG["dst"], y_md),
-                                                  "ws": (_ARG["workspace"], ws_md)})
-        self.backward = _PlainPrimitive(lib, bwd, {"gy": (_ARG["diff_dst"], y_md), "ws": (_ARG["workspace"], ws_md),
-                                                   "gx": (_ARG["diff_src"], x_md)})
-        lib.lib.dnnl_primitive_desc_destroy(fwd)
-        lib.lib.dnnl_primitive_desc_destroy(bwd)
+        fwd, bwd = _vp(), _vp()
+        try:   # the descriptors are destroyed whether the plan is built or declined
+            lib.check(lib.lib.dnnl_pooling_forward_primitive_desc_create(
+                ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, _POOLING_MAX, x_md, y_md, *geometry, None),
+                "pooling_forward_primitive_desc_create")
+            for role, md in (("src", x_md), ("dst", y_md)):
+                _require_plain(lib, fwd, role, md)
+            forward_name = implementation(lib, fwd)
+            ws_md = _vp(lib.lib.dnnl_primitive_desc_query_md(fwd, _QUERY["workspace"], 0))
+            for code in (_U8, _S32):
+                if lib.lib.dnnl_memory_desc_equal(ws_md, lib.plain_md(self.y_shape, code)):
+                    self.workspace_dtype = _DTYPES[code]
+                    break
+            else:
+                raise RuntimeError("oneDNN's max-pooling workspace is not a plain integer tensor shaped like the "
+                                   "output")
+            lib.check(lib.lib.dnnl_pooling_backward_primitive_desc_create(
+                ctypes.byref(bwd), lib.engine, _POOLING_MAX, x_md, y_md, *geometry, fwd, None),
+                "pooling_backward_primitive_desc_create")
+            for role, md in (("diff_src", x_md), ("diff_dst", y_md)):
+                _require_plain(lib, bwd, role, md)
+            self.implementation = (forward_name, implementation(lib, bwd))
+            self.forward = _PlainPrimitive(lib, fwd, {"x": (_ARG["src"], x_md), "y": (_ARG["dst"], y_md),
+                                                      "ws": (_ARG["workspace"], ws_md)})
+            self.backward = _PlainPrimitive(lib, bwd, {"gy": (_ARG["diff_dst"], y_md),
+                                                       "ws": (_ARG["workspace"], ws_md),
+                                                       "gx": (_ARG["diff_src"], x_md)})
+        finally:
+            for pd in (fwd, bwd):
+                if pd.value:
+                    lib.lib.dnnl_primitive_desc_destroy(pd)
 
 
 class ReluPlan:
@@ -416,25 +458,35 @@ def conv_out_size(size: int, k: int, s: int, pad_before: int, pad_after: int) ->
     return (size + pad_before + pad_after - k) // s + 1
 
 
+def _conv_plan(direction: str, x_shape, w_shape, y_shape, stride, pads, groups: int,
+               accelerated_only: bool) -> Conv2dPlan:
+    plan = _plan(direction, x_shape, w_shape, y_shape, stride, pads, groups)
+    if accelerated_only:
+        _require_accelerated(plan, f"the convolution's {direction}")
+    return plan
+
+
 def conv2d_forward(x: paddle.Tensor, w: paddle.Tensor, stride: Sequence[int], pads: Sequence[int],
-                   groups: int = 1) -> paddle.Tensor:
-    """``conv2d(x, w)``, NCHW float32, pads ``[top, bottom, left, right]``, dilation 1, ``groups`` channel groups."""
+                   groups: int = 1, accelerated_only: bool = False) -> paddle.Tensor:
+    """``conv2d(x, w)``, NCHW float32, pads ``[top, bottom, left, right]``, dilation 1, ``groups`` channel groups
+    (with ``accelerated_only``, `ReferenceImplementation` where oneDNN has only its reference implementation)."""
     n, _, h, wd = x.shape
     y_shape = [n, w.shape[0], conv_out_size(h, w.shape[2], stride[0], pads[0], pads[1]),
                conv_out_size(wd, w.shape[3], stride[1], pads[2], pads[3])]
-    return _plan("forward", x.shape, w.shape, y_shape, stride, pads, groups)(x=x, w=w)
+    return _conv_plan("forward", x.shape, w.shape, y_shape, stride, pads, groups, accelerated_only)(x=x, w=w)
 
 
 def conv2d_backward_data(gy: paddle.Tensor, w: paddle.Tensor, x_shape: Sequence[int], stride: Sequence[int],
-                         pads: Sequence[int], groups: int = 1) -> paddle.Tensor:
+                         pads: Sequence[int], groups: int = 1, accelerated_only: bool = False) -> paddle.Tensor:
     """The adjoint of ``conv2d(., w)`` applied to ``gy`` (a transposed convolution), of shape ``x_shape``."""
-    return _plan("backward_data", x_shape, w.shape, gy.shape, stride, pads, groups)(y=gy, w=w)
+    return _conv_plan("backward_data", x_shape, w.shape, gy.shape, stride, pads, groups, accelerated_only)(y=gy, w=w)
 
 
 def conv2d_backward_weights(x: paddle.Tensor, gy: paddle.Tensor, w_shape: Sequence[int], stride: Sequence[int],
-                            pads: Sequence[int], groups: int = 1) -> paddle.Tensor:
+                            pads: Sequence[int], groups: int = 1, accelerated_only: bool = False) -> paddle.Tensor:
     """The adjoint of ``conv2d(x, .)`` applied to ``gy`` (the weight gradient), of shape ``w_shape``."""
-    return _plan("backward_weights", x.shape, w_shape, gy.shape, stride, pads, groups)(x=x, y=gy)
+    return _conv_plan("backward_weights", x.shape, w_shape, gy.shape, stride, pads, groups,
+                      accelerated_only)(x=x, y=gy)
 
 
 def _cached(key: tuple, build):
@@ -452,11 +504,14 @@ def max_pool2d_plan(x_shape: Sequence[int], kernel: Sequence[int], stride: Seque
 
 
 def max_pool2d_forward(x: paddle.Tensor, kernel: Sequence[int], stride: Sequence[int],
-                       pads: Sequence[int]) -> tuple[paddle.Tensor, paddle.Tensor]:
+                       pads: Sequence[int], accelerated_only: bool = False) -> tuple[paddle.Tensor, paddle.Tensor]:
     """2-D max pooling of a contiguous float32 NCHW ``x``; returns the value and oneDNN's workspace (each window's
     argmax as an offset ``kh_index * kernel[1] + kw_index`` inside the window, uint8 or int32, shaped like the
-    value)."""
+    value). With ``accelerated_only``, `ReferenceImplementation` where oneDNN has only its reference implementation
+    of the forward or the backward."""
     plan = max_pool2d_plan(x.shape, kernel, stride, pads)
+    if accelerated_only:
+        _require_accelerated(plan, "max pooling")
     y = paddle.empty(plan.y_shape, dtype="float32")
     ws = paddle.empty(plan.y_shape, dtype=plan.workspace_dtype)
     plan.forward(x=x, y=y, ws=ws)

@@ -25,6 +25,13 @@ def fast_on():
     set_fast_kernels(previous)
 
 
+@pytest.fixture
+def any_implementation(monkeypatch):
+    """oneDNN's pooling whatever this CPU: the fast path declines reference implementations (a CPU without AVX-512
+    has only one for max pooling on NCHW), but the tests of what the kernel computes must run everywhere."""
+    monkeypatch.setattr(onednn, "is_reference", lambda name: False)
+
+
 def _tensors(dtype="float32", x_shape=(5, 16, 20, 20), w_shape=(16, 16, 3, 3)):
     return paddle.randn(list(x_shape), dtype=dtype), paddle.randn(list(w_shape), dtype=dtype)
 
@@ -171,7 +178,7 @@ _POOLS = [([2, 2], [2, 2], [0, 0, 0, 0]), ([3, 3], [2, 2], [1, 1, 1, 1]), ([3, 2
 
 @needs_onednn
 @pytest.mark.parametrize("kernel,stride,pads", _POOLS)
-def test_max_pool_workspace_reads_as_paddles_argmax(fast_on, kernel, stride, pads):
+def test_max_pool_workspace_reads_as_paddles_argmax(fast_on, any_implementation, kernel, stride, pads):
     """The workspace, read as flat indices, is Paddle's own argmax (continuous data: no ties), and the backward
     equals Paddle's scatter; the value equals Paddle's."""
     x = paddle.randn([2, 3, 12, 11], dtype="float32")
@@ -194,9 +201,9 @@ def test_max_pool_self_check_rejects_a_wrong_kernel_once_and_for_all(fast_on, mo
     stock = lambda: paddle._C_ops.max_pool2d_with_index(x, [2, 2], [2, 2], [0, 0], False, False, False)[0]
     real, calls = onednn.max_pool2d_forward, []
 
-    def broken(*args):
+    def broken(x, kernel, stride, pads, accelerated_only=False):
         calls.append(1)
-        y, ws = real(*args)
+        y, ws = real(x, kernel, stride, pads)   # whatever implementation oneDNN has here
         return (y + 1.0, ws) if wrong == "value" else (y, (ws.astype("int32") + 1) % 4)
 
     monkeypatch.setattr(onednn, "max_pool2d_forward", broken)
@@ -205,6 +212,56 @@ def test_max_pool_self_check_rejects_a_wrong_kernel_once_and_for_all(fast_on, mo
         assert kernels.max_pool2d(x, [2, 2], [2, 2], [0, 0, 0, 0], stock) is None
     assert kernels.max_pool2d(x, [2, 2], [2, 2], [0, 0, 0, 0], stock) is None and calls == [1]
     assert len(kernels.self_check_failures()) == 1
+
+
+@pytest.mark.parametrize("name,reference", [("ref:any", True), ("simple_nchw:any", True), ("simple:any", True),
+                                            ("gemm:ref", True), ("jit:avx2", False), ("jit:uni", False),
+                                            ("brg_conv_fwd:avx512_core", False), ("gemm:jit", False),
+                                            ("jit_1x1:avx2", False)])
+def test_reference_implementation_names(name, reference):
+    assert onednn.is_reference(name) is reference
+
+
+def _forget_plans(monkeypatch):
+    monkeypatch.setattr(onednn, "_PLANS", {})
+    monkeypatch.setattr(kernels, "_checked", {})
+    monkeypatch.setattr(kernels, "_declined", set())
+
+
+@needs_onednn
+def test_reference_implementations_are_declined_quietly_once_and_for_all(fast_on, monkeypatch):
+    # On a CPU without AVX-512, oneDNN's max pooling on the NCHW layout is a plain loop ("simple_nchw:any"), 4 times
+    # slower than Paddle's kernel, and the fast path used it: W2 second order 8.4-9.0 s a meta-iteration against
+    # 7.0-7.7 s with it declined.
+    _forget_plans(monkeypatch)
+    x, w = _tensors(x_shape=(3, 16, 12, 12))
+    stock_pool = lambda: paddle._C_ops.max_pool2d_with_index(x, [2, 2], [2, 2], [0, 0], False, False, False)[0]
+    stock_conv = lambda a, b: paddle._C_ops.conv2d(a, b, [1, 1], [1, 1, 1, 1], "EXPLICIT", [1, 1], 1, "NCHW")
+    names = []
+    real = onednn.implementation
+    monkeypatch.setattr(onednn, "implementation", lambda lib, pd: names.append(real(lib, pd)) or "ref:any")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # quietly: declining is expected, not a failure
+        assert kernels.max_pool2d(x, [2, 2], [2, 2], [0, 0, 0, 0], stock_pool) is None
+        np.testing.assert_array_equal(kernels.conv2d(x, w, [1, 1], [1, 1, 1, 1], stock_conv).numpy(),
+                                      stock_conv(x, w).numpy())
+        built = len(names)
+        assert kernels.max_pool2d(x, [2, 2], [2, 2], [0, 0, 0, 0], stock_pool) is None
+        kernels.conv2d(x, w, [1, 1], [1, 1, 1, 1], stock_conv)
+    assert built == 3 and len(names) == built          # forward and backward pooling, convolution: asked once
+    assert [key[0] for key in kernels.reference_only()] == ["max_pool2d", "conv2d"]
+    assert kernels.self_check_failures() == []
+
+
+@needs_onednn
+def test_the_fast_path_runs_no_reference_implementation(fast_on, monkeypatch):
+    _forget_plans(monkeypatch)
+    x = paddle.randn([5, 32, 84, 84], dtype="float32")      # a W2 pooling
+    stock = lambda: paddle._C_ops.max_pool2d_with_index(x, [2, 2], [2, 2], [0, 0], False, False, False)[0]
+    result = kernels.max_pool2d(x, [2, 2], [2, 2], [0, 0, 0, 0], stock)
+    plan = onednn.max_pool2d_plan(x.shape, [2, 2], [2, 2], [0, 0, 0, 0])
+    assert (result is None) == any(onednn.is_reference(name) for name in plan.implementation)
+    assert (result is None) == bool(kernels.reference_only())
 
 
 def test_max_pool_choice(fast_on, monkeypatch):
@@ -222,7 +279,7 @@ def test_max_pool_choice(fast_on, monkeypatch):
 
 @needs_onednn
 @pytest.mark.parametrize("width", [11, 5000])
-def test_max_pool_index_is_exact_integer_arithmetic(fast_on, width):
+def test_max_pool_index_is_exact_integer_arithmetic(fast_on, any_implementation, width):
     """The workspace's offsets become flat indices exactly, also where H * W reaches 2^24 (float64 there)."""
     x = paddle.randn([2, 3, 12, 11], dtype="float32")
     kernel, stride, pads = [3, 3], [2, 2], [1, 1, 1, 1]
