@@ -28,8 +28,8 @@ from typing import Sequence
 
 import paddle
 
-__all__ = ["available", "load_error", "ReferenceImplementation", "implementation", "is_reference", "Conv2dPlan", "MaxPool2dPlan", "ReluPlan", "conv2d_forward",
-           "conv2d_backward_data", "conv2d_backward_weights", "max_pool2d_forward", "max_pool2d_backward",
+__all__ = ["available", "load_error", "ReferenceImplementation", "implementation", "is_reference", "Conv2dPlan",
+           "MaxPool2dPlan", "ReluPlan", "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "max_pool2d_forward", "max_pool2d_backward",
            "relu_forward", "relu_backward", "BatchNormPlan", "batch_norm_forward", "batch_norm_backward",
            "version"]
 
@@ -312,7 +312,7 @@ class MaxPool2dPlan:
         x_md, y_md = lib.plain_md(self.x_shape), lib.plain_md(self.y_shape)
         geometry = (_Dims(*stride), _Dims(*kernel), _Dims(0, 0), _Dims(pads[0], pads[2]), _Dims(pads[1], pads[3]))
         fwd, bwd = _vp(), _vp()
-        try:   # the descriptors are destroyed whether the plan is built or declined
+        try:   # the descriptors are destroyed whether the plan is built or refused
             lib.check(lib.lib.dnnl_pooling_forward_primitive_desc_create(
                 ctypes.byref(fwd), lib.engine, _FORWARD_TRAINING, _POOLING_MAX, x_md, y_md, *geometry, None),
                 "pooling_forward_primitive_desc_create")
