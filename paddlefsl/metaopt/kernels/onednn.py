@@ -29,9 +29,9 @@ from typing import Sequence
 import paddle
 
 __all__ = ["available", "load_error", "ReferenceImplementation", "implementation", "is_reference", "Conv2dPlan",
-           "MaxPool2dPlan", "ReluPlan", "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "max_pool2d_forward", "max_pool2d_backward",
-           "relu_forward", "relu_backward", "BatchNormPlan", "batch_norm_forward", "batch_norm_backward",
-           "version"]
+           "MaxPool2dPlan", "ReluPlan", "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights",
+           "max_pool2d_forward", "max_pool2d_backward", "relu_forward", "relu_backward", "BatchNormPlan",
+           "batch_norm_forward", "batch_norm_backward", "version"]
 
 _MAX_NDIMS = 12
 _F32 = 3
