@@ -80,13 +80,14 @@ def _check_layers(layer: nn.Layer) -> None:
         if isinstance(sub, nn.Embedding) and own and (sub._sparse or sub._max_norm is not None
                                                       or sub._scale_grad_by_freq):
             unsupported.append(f"{name or '(the model)'} (Embedding with sparse, max_norm or scale_grad_by_freq)")
-        elif isinstance(sub, BATCHED_LAYERS) and not _stock(sub) and (own or isinstance(sub, _NORMS)):
-            custom.append(f"{name or '(the model)'} ({type(sub).__name__} with a forward of its own)")
-        elif isinstance(sub, BATCHED_LAYERS) and set(own) - {"weight", "bias"}:
-            extra = sorted(set(own) - {"weight", "bias"})
-            custom.append(f"{name or '(the model)'} ({type(sub).__name__} with parameters {extra})")
         elif isinstance(sub, BATCHED_LAYERS):
-            if _channel_last(sub) and (own or isinstance(sub, _NORMS)):
+            per_task = bool(own) or isinstance(sub, _NORMS)    # adapted parameters or batch statistics
+            extra = sorted(set(own) - {"weight", "bias"})
+            if per_task and not _stock(sub):
+                custom.append(f"{name or '(the model)'} ({type(sub).__name__} with a forward of its own)")
+            elif extra:
+                custom.append(f"{name or '(the model)'} ({type(sub).__name__} with parameters {extra})")
+            elif per_task and _channel_last(sub):
                 channel_last.append(f"{name or type(sub).__name__} ({type(sub).__name__}, {sub._data_format})")
         elif own or isinstance(sub, nn.BatchNorm):   # the old-style batch norm: batch statistics would mix tasks
             unsupported.append(f"{name or '(the model)'} ({type(sub).__name__})")
