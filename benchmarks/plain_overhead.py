@@ -26,7 +26,7 @@ from paddlefsl.metaopt import MAML, set_fast_kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dir import load_workloads  # noqa: E402
-from peer_model import conv4, random_tasks  # noqa: E402
+from peer_model import conv4, meta_iteration, random_tasks  # noqa: E402
 
 
 def plain_iteration(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, tasks: list, W: dict) -> None:
@@ -62,17 +62,6 @@ def plain_iteration(model: nn.Layer, optimizer: paddle.optimizer.Optimizer, task
     optimizer.step()
 
 
-def our_iteration(maml: MAML, tasks: list, W: dict) -> None:
-    """One first-order meta-iteration with `MAML` (as ``workloads.py`` runs it)."""
-    losses = []
-    for xs, ys, xq, yq in tasks:
-        task = maml.clone()
-        for _ in range(W["steps"]):
-            task.adapt(F.cross_entropy(task(xs), ys))
-        losses.append(F.cross_entropy(task(xq), yq))
-    maml.step(paddle.stack(losses).mean())
-
-
 def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", choices=("W1", "W2"))
@@ -102,14 +91,14 @@ def main(argv: list[str] | None = None) -> list[float]:
     tasks = random_tasks(W)
 
     plain_iteration(plain_model, plain_optimizer, tasks, W)   # warm-up
-    our_iteration(maml, tasks, W)
+    meta_iteration(maml, tasks, W["steps"])
     ratios = []
     for _ in range(args.pairs):
         start = time.perf_counter()
         plain_iteration(plain_model, plain_optimizer, tasks, W)
         plain = time.perf_counter() - start
         start = time.perf_counter()
-        our_iteration(maml, tasks, W)
+        meta_iteration(maml, tasks, W["steps"])
         ratios.append((time.perf_counter() - start) / plain)
     print(f"{args.workload} first order, fast kernels {args.fast_kernels}, meta-batch {W['meta_batch']}: "
           f"paddlefsl / plain Paddle per meta-iteration, median of {args.pairs} pairs "

@@ -65,7 +65,7 @@ def worker(W: dict, algorithm: str, iterations: int) -> dict:
 
     from paddlefsl.metaopt import ANIL, MAML
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from peer_model import conv4, random_tasks
+    from peer_model import conv4, meta_iteration, random_tasks
 
     paddle.seed(0)
     features, head = conv4(W)
@@ -84,16 +84,10 @@ def worker(W: dict, algorithm: str, iterations: int) -> dict:
             task.adapt(F.cross_entropy(task(xs), ys, reduction="none").mean(axis=1))
         learner.step(F.cross_entropy(task(xq), yq))
 
-    def meta_iteration():
-        losses = []
-        for xs, ys, xq, yq in tasks:
-            task = learner.clone()
-            for _ in range(W["steps"]):
-                task.adapt(F.cross_entropy(task(xs), ys))
-            losses.append(F.cross_entropy(task(xq), yq))
-        learner.step(paddle.stack(losses).mean())
+    def loop_meta_iteration():
+        meta_iteration(learner, tasks, W["steps"])
 
-    run = batched_meta_iteration if algorithm.endswith("b") else meta_iteration
+    run = batched_meta_iteration if algorithm.endswith("b") else loop_meta_iteration
     run()
     times = []
     for _ in range(iterations):

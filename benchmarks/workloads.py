@@ -14,7 +14,6 @@ import sys
 import time
 
 import paddle
-import paddle.nn.functional as F
 from paddle import nn
 
 from paddlefsl.metaopt import MAML
@@ -22,6 +21,7 @@ from paddlefsl.metaopt import MAML
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dir import load_workloads  # noqa: E402
 from peer_model import conv4, random_tasks  # noqa: E402
+from peer_model import meta_iteration as run_meta_iteration  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("workload", choices=("W1", "W2"))
@@ -42,13 +42,7 @@ maml = MAML(model, W["inner_lr"], first_order=args.order == "first",
 tasks = random_tasks(W)
 
 def meta_iteration():
-    losses = []
-    for xs, ys, xq, yq in tasks:
-        task = maml.clone()
-        for _ in range(W["steps"]):
-            task.adapt(F.cross_entropy(task(xs), ys))
-        losses.append(F.cross_entropy(task(xq), yq))
-    maml.step(paddle.stack(losses).mean())
+    run_meta_iteration(maml, tasks, W["steps"])
 
 
 meta_iteration()
